@@ -1,0 +1,3 @@
+from enricher.cli import main
+
+raise SystemExit(main())

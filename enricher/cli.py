@@ -1,0 +1,131 @@
+"""Entry points: ``enricher batch`` (files) and ``enricher run`` (the streaming service)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from enricher import __version__, config
+from enricher.enrich import Enricher, EntityOptions
+from enricher.session import SessionEngine
+
+
+def _session_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--foreground-timeout", type=float, metavar="S", help="seconds (1800)")
+    parser.add_argument("--background-timeout", type=float, metavar="S", help="seconds (1800)")
+    parser.add_argument("--salt", help="secret the user and session ids are derived from")
+    parser.add_argument(
+        "--session-context",
+        action=argparse.BooleanOptionalAction,
+        help="attach the client_session entity (default: on)",
+    )
+    parser.add_argument(
+        "--lifecycle-context",
+        action=argparse.BooleanOptionalAction,
+        help="attach the application_lifecycle entity (default: off)",
+    )
+    parser.add_argument(
+        "--keep-tracker-entities",
+        action=argparse.BooleanOptionalAction,
+        help="keep a client_session the tracker already attached (default: replace it)",
+    )
+    parser.add_argument("--storage-mechanism", help="storageMechanism field (LOCAL_STORAGE)")
+    parser.add_argument("--redis-url", help="keep state in Redis instead of memory")
+
+
+def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in names}
+
+
+_SESSION_OVERRIDES = (
+    "foreground_timeout",
+    "background_timeout",
+    "salt",
+    "session_context",
+    "lifecycle_context",
+    "keep_tracker_entities",
+    "storage_mechanism",
+    "redis_url",
+)
+
+
+def build_enricher(settings: config.Settings) -> Enricher:
+    return Enricher(
+        SessionEngine(settings.session_config()),
+        EntityOptions(
+            session_context=settings.session_context,
+            lifecycle_context=settings.lifecycle_context,
+            keep_tracker_entities=settings.keep_tracker_entities,
+        ),
+    )
+
+
+def _warn_default_salt(settings: config.Settings) -> None:
+    if settings.salt == config.DEFAULT_SALT:
+        print(
+            "warning: no salt set (--salt or ENRICHER_SALT): ids are reproducible,"
+            " but anyone who knows the default salt can link them",
+            file=sys.stderr,
+        )
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from enricher import batch
+
+    settings = config.load(config_file=args.config, overrides=_overrides(args, _SESSION_OVERRIDES))
+    if not args.input.is_file():
+        raise config.ConfigError([f"--input {args.input}: no such file"])
+    _warn_default_salt(settings)
+    store: batch.StateStore
+    if settings.redis_url:
+        from enricher.store import BatchRedisStore, connect
+
+        store = BatchRedisStore(connect(settings), settings, partitions=args.partitions)
+    else:
+        store = batch.MemoryStore()
+    summary = batch.run(build_enricher(settings), args.input, args.output, store)
+    print(summary.line())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="enricher", description="Snowplow client_session entities, computed server-side."
+    )
+    root.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    batch = commands.add_parser(
+        "batch",
+        help="enrich a file (JSON Lines, or Avro by the .avro extension)",
+        description='Enrich a file: one {"key": device id, "event": {...}} per line, or an'
+        " Avro container file. Bad records go to OUTPUT.errors.jsonl.",
+    )
+    batch.add_argument("--input", type=Path, required=True, metavar="IN")
+    batch.add_argument("--output", type=Path, required=True, metavar="OUT")
+    _session_flags(batch)
+    batch.add_argument(
+        "--partitions",
+        type=int,
+        default=12,
+        help="partitions of the service's input topic, to find its state in Redis (12)",
+    )
+    batch.set_defaults(handler=_batch)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except config.ConfigError as error:
+        print(f"enricher: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"enricher: {error}", file=sys.stderr)
+        return 2
+    return code

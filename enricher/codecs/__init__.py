@@ -1,0 +1,1 @@
+"""Event codecs: bytes in, :class:`~enricher.codecs.tracker.TrackerEvent` out, and back."""
