@@ -92,6 +92,77 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+_RUN_REQUIRED = (
+    "bootstrap_servers",
+    "input_topic",
+    "output_topic",
+    "dlq_topic",
+    "redis_url",
+)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    import signal
+    import threading
+
+    from enricher import formats, logs
+    from enricher.ids import IdDeriver
+    from enricher.metrics import HttpServer, Metrics
+    from enricher.service import Service
+    from enricher.store import PartitionStore, connect
+
+    settings = config.load(config_file=args.config, require=_RUN_REQUIRED)
+    logs.configure(settings.log_format, settings.log_level)
+    log = logging.getLogger("enricher")
+    _warn_default_salt(settings)
+    metrics = Metrics()
+    store = PartitionStore(
+        connect(settings), settings.redis_key_prefix, settings.input_topic, IdDeriver(settings.salt)
+    )
+    codecs = formats.codecs(
+        settings.input_format,
+        settings.output_format,
+        settings.schema_registry_url,
+        settings.output_topic,
+    )
+    service = Service(settings, build_enricher(settings), store, codecs, metrics)
+    http = HttpServer(metrics, service.ready)
+    service.on_progress = http.heartbeat
+    port = http.start(settings.metrics_host, settings.metrics_port)
+    log.info("http on %s:%d (/metrics, /healthz, /readyz)", settings.metrics_host, port)
+
+    def shut_down(signum: int, _: object) -> None:
+        if service.stopping.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(130)
+        log.info("%s: finishing the batch and leaving the group", signal.Signals(signum).name)
+        service.stop()
+        deadline = threading.Timer(settings.shutdown_timeout, _overdue, (settings,))
+        deadline.daemon = True
+        deadline.start()
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    try:
+        service.run()
+    finally:
+        http.stop()
+    log.info("stopped")
+    return 0
+
+
+def _overdue(settings: config.Settings) -> None:
+    import logging
+    import os
+
+    logging.getLogger("enricher").error(
+        "shutdown took longer than %.0fs; exiting without a clean leave", settings.shutdown_timeout
+    )
+    os._exit(3)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="enricher", description="Snowplow client_session entities, computed server-side."
@@ -115,6 +186,16 @@ def parser() -> argparse.ArgumentParser:
         help="partitions of the service's input topic, to find its state in Redis (12)",
     )
     batch.set_defaults(handler=_batch)
+
+    run = commands.add_parser(
+        "run",
+        help="the streaming service: Kafka in, Kafka out, state in Redis, exactly once",
+        description="Consume raw events, enrich them, publish them exactly once. Configured by"
+        " ENRICHER_* environment variables and/or --config FILE (TOML); ENRICHER_KAFKA_<NAME>"
+        " passes any librdkafka setting through.",
+    )
+    run.add_argument("--config", type=Path, help="TOML settings file")
+    run.set_defaults(handler=_run)
     return root
 
 

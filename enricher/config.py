@@ -61,11 +61,11 @@ class Settings:
     schema_registry_url: str = field(default="", repr=False)
     batch_size: int = 1000
     batch_timeout_ms: int = 200
-    max_message_bytes: int = 1_000_000
+    max_message_bytes: int = 900_000
     transaction_timeout_ms: int = 30_000
     shutdown_timeout: float = 20.0
     metrics_host: str = "0.0.0.0"
-    metrics_port: int = 0
+    metrics_port: int = 9108
     log_format: str = "text"
     log_level: str = "INFO"
     kafka: Mapping[str, str] = field(default_factory=dict, repr=False)

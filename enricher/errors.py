@@ -22,7 +22,6 @@ Reason = Literal[
     "invalid_contexts",
     "invalid_base64",
     "unknown_schema_id",
-    "registry_unavailable",
     "oversize",
 ]
 
@@ -36,3 +35,7 @@ class BadInput(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason: Reason = reason
         self.detail = detail
+
+
+class Unavailable(RuntimeError):
+    """A service the enricher depends on cannot be reached; the work is retried, not dropped."""

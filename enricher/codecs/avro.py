@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 
 from enricher.codecs import tracker
 from enricher.enrich import Enriched
@@ -33,7 +34,16 @@ RAW_SCHEMA = fastavro.parse_schema(RAW_SCHEMA_JSON)
 ENRICHED_SCHEMA = fastavro.parse_schema(ENRICHED_SCHEMA_JSON)
 
 # Reading corrupt bytes with fastavro fails in many ways; all of them mean "not our Avro".
-_READ_ERRORS = (EOFError, ValueError, IndexError, TypeError, OverflowError, KeyError, MemoryError)
+_READ_ERRORS = (
+    EOFError,
+    ValueError,
+    IndexError,
+    TypeError,
+    OverflowError,
+    KeyError,
+    MemoryError,
+    SchemaResolutionError,
+)
 
 
 def read_record(

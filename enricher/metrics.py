@@ -1,0 +1,196 @@
+"""Prometheus metrics and the HTTP endpoints for probes: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Names follow Prometheus conventions: ``enricher_`` prefix, base units, ``_total`` counters,
+``_seconds`` histograms, and no per-device labels.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from enricher import __version__
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+_REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+_BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class Metrics:
+    """Every metric the service exports, on a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter("enricher_records_consumed", "Input records read", registry=r)
+        self.produced = Counter(
+            "enricher_records_produced", "Enriched records committed to the output", registry=r
+        )
+        self.dead_lettered = Counter(
+            "enricher_records_dead_lettered",
+            "Input records committed to the dead-letter topic",
+            ["reason"],
+            registry=r,
+        )
+        self.sessions_started = Counter(
+            "enricher_sessions_started", "Sessions started", ["cause"], registry=r
+        )
+        self.events = Counter(
+            "enricher_events",
+            "Enriched events by the device's lifecycle state",
+            ["state"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "enricher_batch_size_records", "Records per batch", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_duration = Histogram(
+            "enricher_batch_duration_seconds",
+            "Time from a batch's consumption to its commit",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "enricher_end_to_end_latency_seconds",
+            "Time from an event's creation (device clock) or its Kafka timestamp to its commit",
+            ["clock"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.redis_duration = Histogram(
+            "enricher_redis_duration_seconds",
+            "Redis round trips",
+            ["operation"],
+            buckets=_REDIS_BUCKETS,
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "enricher_redis_errors", "Failed Redis calls", ["operation"], registry=r
+        )
+        self.transactions = Counter(
+            "enricher_transactions", "Kafka transactions by outcome", ["outcome"], registry=r
+        )
+        self.rebalances = Counter(
+            "enricher_rebalances", "Partition assignment changes", ["kind"], registry=r
+        )
+        self.assigned = Gauge(
+            "enricher_assigned_partitions", "Input partitions this instance owns", registry=r
+        )
+        self.lag = Gauge(
+            "enricher_consumer_lag_records",
+            "Records between the committed offset and the end of each owned partition",
+            ["partition"],
+            registry=r,
+        )
+        self.cache = Counter(
+            "enricher_state_cache_lookups", "Device state lookups by result", ["result"], registry=r
+        )
+        self.build = Gauge("enricher_build_info", "Build information", ["version"], registry=r)
+        self.build.labels(version=__version__).set(1)
+
+    def observe_stats(self, stats_json: str) -> None:
+        """librdkafka statistics: per-partition consumer lag."""
+        stats: dict[str, Any] = json.loads(stats_json)
+        for topic in stats.get("topics", {}).values():
+            for name, partition in topic.get("partitions", {}).items():
+                lag = partition.get("consumer_lag", -1)
+                if name != "-1" and lag >= 0:
+                    self.lag.labels(partition=name).set(lag)
+
+    def forget_partitions(self, partitions: list[int]) -> None:
+        for partition in partitions:
+            try:
+                self.lag.remove(str(partition))
+            except KeyError:
+                continue
+
+
+Route = Callable[[str, str, dict[str, str], bytes], tuple[int, str, bytes]]
+
+
+class HttpServer:
+    """``/metrics``, ``/healthz``, ``/readyz``, plus routes other parts register."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, dict[str, Any]]]):
+        self.metrics = metrics
+        self.ready = ready
+        self.routes: list[tuple[str, Route]] = []
+        self.alive_at = time.monotonic()
+        self.alive_window = 120.0
+        self._server: ThreadingHTTPServer | None = None
+
+    def heartbeat(self) -> None:
+        """The main loop is alive (``/healthz`` fails once it stops beating for long)."""
+        self.alive_at = time.monotonic()
+
+    def add_route(self, prefix: str, route: Route) -> None:
+        self.routes.append((prefix, route))
+
+    def handle(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, str, bytes]:
+        if method == "GET" and path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+        if method == "GET" and path == "/healthz":
+            stalled = time.monotonic() - self.alive_at
+            ok = stalled < self.alive_window
+            return _json(200 if ok else 503, {"alive": ok, "seconds_since_progress": stalled})
+        if method == "GET" and path == "/readyz":
+            ok, detail = self.ready()
+            return _json(200 if ok else 503, {"ready": ok, **detail})
+        for prefix, route in self.routes:
+            if path.startswith(prefix):
+                return route(method, path, headers, body)
+        return _json(404, {"error": "not found"})
+
+    def start(self, host: str, port: int) -> int:
+        """Serve in a daemon thread; returns the bound port (``port=0`` picks a free one)."""
+        app = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                status, content_type, payload = app.handle(method, self.path, headers, body)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self) -> None:
+                self._serve("GET")
+
+            def do_POST(self) -> None:
+                self._serve("POST")
+
+            def log_message(self, *_: Any) -> None:
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def _json(status: int, body: dict[str, Any]) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(body).encode()
