@@ -153,6 +153,52 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from enricher import generate
+    from enricher.codecs import avro, tracker
+
+    traffic = generate.Traffic(
+        events=args.events,
+        devices=args.devices,
+        seed=args.seed,
+        foreground_timeout=args.foreground_timeout,
+        background_timeout=args.background_timeout,
+    )
+    encode = avro.encode_raw if args.format == "avro" else tracker.dump
+    pacer = generate.Pacer(args.rate)
+    if args.topic:
+        from confluent_kafka import Producer
+
+        settings = config.load(config_file=args.config, require=("bootstrap_servers",))
+        producer = Producer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "partitioner": "murmur2_random",
+                "linger.ms": 20,
+                **settings.kafka,
+            }
+        )
+        for key, event in generate.events(traffic):
+            pacer.wait()
+            while True:
+                try:
+                    producer.produce(args.topic, value=encode(event), key=key)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            producer.poll(0)
+        remaining = producer.flush(60)
+        if remaining:
+            print(f"enricher: {remaining} events not delivered", file=sys.stderr)
+            return 1
+    else:
+        with sys.stdout.buffer as out:
+            for key, event in generate.events(traffic):
+                pacer.wait()
+                out.write(tracker.dump({"key": key, "event": event}) + b"\n")
+    return 0
+
+
 def _overdue(settings: config.Settings) -> None:
     import logging
     import os
@@ -196,6 +242,21 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", type=Path, help="TOML settings file")
     run.set_defaults(handler=_run)
+
+    gen = commands.add_parser(
+        "generate",
+        help="realistic mobile tracker traffic, to stdout (JSON Lines) or a Kafka topic",
+    )
+    gen.add_argument("--events", type=int, default=100_000)
+    gen.add_argument("--devices", type=int, default=10_000)
+    gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--rate", type=float, default=0.0, help="events/s (0: as fast as possible)")
+    gen.add_argument("--foreground-timeout", type=float, default=1800.0, metavar="S")
+    gen.add_argument("--background-timeout", type=float, default=1800.0, metavar="S")
+    gen.add_argument("--topic", help="produce to this topic (ENRICHER_BOOTSTRAP_SERVERS)")
+    gen.add_argument("--format", choices=("json", "avro"), default="json", help="topic format")
+    gen.add_argument("--config", type=Path, help="TOML settings file")
+    gen.set_defaults(handler=_generate)
     return root
 
 

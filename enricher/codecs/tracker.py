@@ -50,7 +50,7 @@ def decode(data: bytes) -> TrackerEvent:
     """Decode one tracker-protocol event from JSON bytes."""
     try:
         value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also: too deep, too many integer digits
         raise BadInput("not_json", str(error)) from None
     return from_fields(value)
 
@@ -113,7 +113,7 @@ def with_entities(event: TrackerEvent, entities: list[SelfDescribing]) -> dict[s
     )
     out = dict(event.fields)
     if event.contexts_field == "cx":
-        out["cx"] = base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+        out["cx"] = base64.urlsafe_b64encode(_utf8(payload)).decode().rstrip("=")
     else:
         out["co"] = payload
     return out
@@ -130,11 +130,17 @@ def merge_entities(
 
 def dump(fields: Mapping[str, Any]) -> bytes:
     """Compact, deterministic JSON bytes."""
-    return _compact(fields).encode()
+    return _utf8(_compact(fields))
 
 
 def _compact(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of JSON text. JSON strings may carry lone surrogates (``"\\ud83d"``, a
+    truncated emoji) that UTF-8 cannot: they go out as the same ``\\udXXX`` escapes."""
+    return text.encode("utf-8", "backslashreplace")
 
 
 def schema_family(schema: object) -> str:
@@ -150,7 +156,7 @@ def _json_field(
         raw = _base64url(raw, name)
     try:
         return json.loads(raw)
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:  # also: too deep, too many integer digits
         raise BadInput(reason, f"'{name}' is not valid JSON: {error}") from None
 
 
