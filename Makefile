@@ -15,7 +15,7 @@ lint:
 	mypy
 
 demo:  ## stack up, sample traffic, the enricher, a session summary, stack down
-	$(PYTHON) -m enricher.demo
+	ops/demo
 
 bench:
 	$(PYTHON) -m bench
