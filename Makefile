@@ -6,7 +6,7 @@ install:  ## Python package with test tools, plus the local stack's own installs
 	$(PYTHON) -m pip install -q -e '.[test]'
 	ops/devstack install
 
-test:  ## the whole suite: lint, types, units, integration against the local stack
+test: install  ## the whole suite: lint, types, units, integration against the local stack
 	$(PYTHON) -m pytest
 
 lint:
@@ -14,7 +14,7 @@ lint:
 	ruff format --check .
 	mypy
 
-demo:  ## stack up, sample traffic, the enricher, a session summary, stack down
+demo: install  ## stack up, sample traffic, the enricher, a session summary, stack down
 	ops/demo
 
 bench:
