@@ -181,12 +181,10 @@ def _json_items(lines: IO[bytes]) -> Iterator[_Item]:
             if not isinstance(key, str) or not key:
                 raise BadInput("missing_key", "no device id in 'key'")
             yield _Item(number, original, key, tracker.from_fields(record.get("event")))
-        except json.JSONDecodeError as error:
-            yield _Item(number, original, error=BadInput("not_json", str(error)))
-        except UnicodeDecodeError as error:
-            yield _Item(number, original, error=BadInput("not_json", str(error)))
         except BadInput as error:
             yield _Item(number, original, error=error)
+        except (ValueError, RecursionError) as error:  # not JSON, too deep, too many digits
+            yield _Item(number, original, error=BadInput("not_json", str(error)))
 
 
 def _avro_items(records: Iterator[Any]) -> Iterator[_Item]:

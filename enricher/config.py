@@ -7,6 +7,7 @@ defaults. Secrets are kept out of ``repr`` and logs.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tomllib
@@ -48,6 +49,7 @@ class Settings:
     redis_cluster: bool = False
     redis_key_prefix: str = "enricher:"
     state_ttl_days: float = 0.0
+    state_sweep_interval: float = 3600.0
     foreground_timeout: float = DEFAULT_TIMEOUT_SECONDS
     background_timeout: float = DEFAULT_TIMEOUT_SECONDS
     app_timeouts: Mapping[str, Timeouts] = field(default_factory=dict)
@@ -160,6 +162,8 @@ def _non_negative(kind: Callable[[Any], float]) -> Callable[[Any], Any]:
         number = kind(value)
         if number < 0:
             raise ValueError(f"must not be negative, got {value!r}")
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite number, got {value!r}")
         return number
 
     return parse
@@ -185,6 +189,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "lifecycle_context": _parse_bool,
     "keep_tracker_entities": _parse_bool,
     "state_ttl_days": _non_negative(float),
+    "state_sweep_interval": _non_negative(float),
     "foreground_timeout": _non_negative(float),
     "background_timeout": _non_negative(float),
     "app_timeouts": _parse_app_timeouts,
@@ -264,6 +269,10 @@ def _check(settings: Settings, require: tuple[str, ...]) -> list[str]:
     problems = [
         f"{ENV_PREFIX}{name.upper()} is required" for name in require if not getattr(settings, name)
     ]
+    try:
+        settings.session_config()
+    except ValueError as error:
+        problems.append(f"session timeouts: {error}")
     if settings.redis_url:
         scheme = urlsplit(settings.redis_url).scheme
         if scheme not in ("redis", "rediss", "unix"):

@@ -98,6 +98,9 @@ class Metrics:
         self.cache = Counter(
             "enricher_state_cache_lookups", "Device state lookups by result", ["result"], registry=r
         )
+        self.expired = Counter(
+            "enricher_devices_expired", "Device states deleted after the state TTL", registry=r
+        )
         self.build = Gauge("enricher_build_info", "Build information", ["version"], registry=r)
         self.build.labels(version=__version__).set(1)
 

@@ -114,10 +114,51 @@ def _as_bytes(data: str | bytes | None) -> bytes | None:
 
 @dataclass(slots=True)
 class Owned:
-    """A partition this instance owns: its fencing epoch and its warm state."""
+    """A partition this instance owns: its fencing epoch, its warm state, its sweep cursor."""
 
     epoch: int
     cache: dict[str, SessionState] = field(default_factory=dict)
+    sweep_cursor: int | None = None
+
+
+class Sweeper:
+    """Expires devices not seen for ``state_ttl_days``, a slice per partition between batches,
+    so that a sweep never stalls the stream."""
+
+    SLICE = 500
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.ttl_ms = int(service.settings.state_ttl_days * 86_400_000)
+        self.interval = service.settings.state_sweep_interval
+        self.next_at = time.monotonic()
+        self.cutoff_ms = 0
+
+    def step(self) -> None:
+        if not self.ttl_ms:
+            return
+        owned = self.service.owned
+        pending = {p: o for p, o in owned.items() if o.sweep_cursor is not None}
+        if not pending:
+            if time.monotonic() < self.next_at:
+                return
+            self.next_at = time.monotonic() + self.interval
+            self.cutoff_ms = int(time.time() * 1000) - self.ttl_ms
+            for state in owned.values():
+                state.sweep_cursor = 0
+                state.cache = {
+                    d: s for d, s in state.cache.items() if s.last_event_ms >= self.cutoff_ms
+                }
+            pending = dict(owned)
+        slices = {p: (o.epoch, o.sweep_cursor or 0) for p, o in pending.items()}
+        store = self.service.store
+        done = self.service.redis_call(
+            "sweep", lambda: store.sweep(slices, self.cutoff_ms, self.SLICE)
+        )
+        for partition, (cursor, deleted) in done.items():
+            pending[partition].sweep_cursor = cursor or None
+            if deleted:
+                self.service.metrics.expired.inc(deleted)
 
 
 @dataclass(slots=True)
@@ -272,6 +313,7 @@ class Service:
         self.healthy = {"kafka": False, "redis": False}
         self.on_progress: Callable[[], None] = lambda: None
         self._delay = _BACKOFF_START
+        self.sweeper = Sweeper(self)
         consumer_settings = consumer_config(settings)
         consumer_settings["stats_cb"] = metrics.observe_stats
         consumer_settings["error_cb"] = self._kafka_error
@@ -302,6 +344,7 @@ class Service:
                 batch = [InputRecord.of(m) for m in messages if self._usable(m)]
                 if batch:
                     self.process(batch)
+                self._sweep()
         finally:
             self.close()
 
@@ -355,6 +398,16 @@ class Service:
         self.metrics.transactions.labels(outcome="committed").inc()
         self.metrics.batch_size.observe(len(messages))
         self.metrics.batch_duration.observe(time.monotonic() - started)
+
+    def _sweep(self) -> None:
+        try:
+            self.sweeper.step()
+        except Fenced as error:
+            log.warning("sweep fenced: %s", error)
+            for partition in error.partitions:
+                self.owned.pop(partition, None)
+        except Unavailable as error:
+            log.info("sweep postponed: %s", error)
 
     def _abort(self, checkpoint: Checkpoint) -> None:
         """Abort the transaction and rewind every partition of the batch to its first offset."""

@@ -17,6 +17,7 @@ This module is pure: no I/O, no clocks, no randomness. It implements the rules o
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -52,7 +53,10 @@ class Timeouts:
     def from_seconds(cls, foreground: float, background: float) -> Timeouts:
         if foreground < 0 or background < 0:
             raise ValueError("session timeouts must not be negative")
-        return cls(round(foreground * 1000), round(background * 1000))
+        foreground_ms, background_ms = foreground * 1000, background * 1000
+        if not (math.isfinite(foreground_ms) and math.isfinite(background_ms)):
+            raise ValueError("session timeouts must be finite")
+        return cls(round(foreground_ms), round(background_ms))
 
 
 @dataclass(frozen=True, slots=True)

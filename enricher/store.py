@@ -54,6 +54,27 @@ return (#ARGV - 1) / 2
 """
 
 
+# Expiry of quiet devices, a slice at a time: KEYS = devices hash, meta hash; ARGV = epoch,
+# HSCAN cursor, cutoff (epoch ms), slice size, 1-based position of the last event time in a
+# record. Returns {next cursor, deleted}.
+_SWEEP_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if epoch ~= ARGV[1] then
+  return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
+end
+local scan = redis.call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[4])
+local items, deleted, cutoff, at = scan[2], 0, tonumber(ARGV[3]), tonumber(ARGV[5])
+for i = 1, #items, 2 do
+  if struct.unpack('<i8', items[i + 1], at) < cutoff then
+    redis.call('HDEL', KEYS[1], items[i])
+    deleted = deleted + 1
+  end
+end
+return {scan[1], deleted}
+"""
+_LAST_EVENT_AT = _HEADER.size + _STATE.size - 8 + 1
+
+
 class Fenced(RuntimeError):
     """This instance no longer owns the partition: another one bumped its epoch."""
 
@@ -243,6 +264,31 @@ class PartitionStore:
                 raise result
         if fenced:
             raise Fenced(fenced)
+
+    def sweep(
+        self, slices: Mapping[int, tuple[int, int]], cutoff_ms: int, count: int
+    ) -> dict[int, tuple[int, int]]:
+        """Delete devices whose last event is older than ``cutoff_ms``, one HSCAN slice per
+        partition: ``{partition: (epoch, cursor)}`` -> ``{partition: (next cursor, deleted)}``.
+        A cursor of 0 after the first slice means the partition's sweep is complete."""
+        ordered = list(slices.items())
+        pipe = self.client.pipeline(transaction=False)
+        for partition, (epoch, cursor) in ordered:
+            keys = self.keys(partition)
+            pipe.eval(_SWEEP_SCRIPT, 2, *keys, epoch, cursor, cutoff_ms, count, _LAST_EVENT_AT)
+        results = pipe.execute(raise_on_error=False)
+        out: dict[int, tuple[int, int]] = {}
+        fenced = []
+        for (partition, _), result in zip(ordered, results, strict=True):
+            if isinstance(result, redis.ResponseError) and str(result).startswith("FENCED"):
+                fenced.append(partition)
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                out[partition] = (int(result[0]), int(result[1]))
+        if fenced:
+            raise Fenced(fenced)
+        return out
 
 
 def kafka_partition(key: bytes, partitions: int) -> int:

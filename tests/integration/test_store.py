@@ -1,0 +1,122 @@
+"""The Redis state store against a real Redis: fencing, snapshots, expiry, partitioning."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from confluent_kafka import Consumer
+from stack import Stack
+
+from enricher.config import Settings
+from enricher.ids import IdDeriver
+from enricher.session import SessionState
+from enricher.store import BatchRedisStore, Fenced, PartitionStore, kafka_partition
+
+pytestmark = pytest.mark.integration
+IDS = IdDeriver("salt")
+
+
+def state(device: str, index: int, last_ms: int) -> SessionState:
+    first = "c6ef3124-b53a-4b13-a233-0088f79dcbcb"
+    return SessionState(
+        user_id=IDS.user_id(device),
+        session_id=IDS.session_id(device, index, first),
+        session_index=index,
+        previous_session_id=None,
+        event_index=1,
+        first_event_id=first,
+        first_event_ms=last_ms,
+        last_event_ms=last_ms,
+        in_background=False,
+        background_index=0,
+        foreground_index=0,
+    )
+
+
+@pytest.fixture
+def store(stack: Stack) -> PartitionStore:
+    return PartitionStore(stack.redis(), stack.redis_prefix(), "raw", IDS)
+
+
+def test_a_new_owner_fences_out_the_old_one(store: PartitionStore) -> None:
+    old = store.fence([0, 1])
+    new = store.fence([0])
+    assert new[0] == old[0] + 1
+    record = store.codec.pack(state("d", 1, 1000), 10, None)
+    with pytest.raises(Fenced) as fenced:
+        store.save({0: (old[0], {"d": record}), 1: (old[1], {"d": record})})
+    assert fenced.value.partitions == [0]
+    assert store.load({0: (0, ["d"])}) == {0: {}}
+    assert store.load({1: (11, ["d"])}) == {1: {"d": state("d", 1, 1000)}}
+    store.save({0: (new[0], {"d": record})})
+    assert store.load({0: (11, ["d"])}) == {0: {"d": state("d", 1, 1000)}}
+
+
+def test_a_replayed_batch_starts_from_the_snapshot(store: PartitionStore) -> None:
+    epoch = store.fence([3])[3]
+    before, after = state("d", 1, 1000), state("d", 2, 9000)
+    store.save({3: (epoch, {"d": store.codec.pack(after, 57, before)})})
+    assert store.load({3: (50, ["d"])})[3] == {"d": before}
+    assert store.load({3: (57, ["d"])})[3] == {"d": before}
+    assert store.load({3: (58, ["d"])})[3] == {"d": after}
+    store.save({3: (epoch, {"new": store.codec.pack(after, 60, None)})})
+    assert store.load({3: (60, ["new"])})[3] == {}
+
+
+def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
+    epoch = store.fence([2])[2]
+    now_ms = int(time.time() * 1000)
+    records = {
+        f"old-{i}": store.codec.pack(state(f"old-{i}", 1, now_ms - 10 * 86_400_000), 1, None)
+        for i in range(700)
+    }
+    records |= {
+        f"new-{i}": store.codec.pack(state(f"new-{i}", 1, now_ms), 1, None) for i in range(300)
+    }
+    store.save({2: (epoch, records)})
+    cursor, deleted = 0, 0
+    for _ in range(100):
+        result = store.sweep({2: (epoch, cursor)}, now_ms - 86_400_000, 200)
+        cursor, count = result[2]
+        deleted += count
+        if cursor == 0:
+            break
+    assert deleted == 700
+    remaining = store.load({2: (2, list(records))})[2]
+    assert sorted(remaining) == sorted(f"new-{i}" for i in range(300))
+    with pytest.raises(Fenced):
+        store.sweep({2: (epoch - 1, 0)}, now_ms, 10)
+
+
+def test_file_mode_finds_devices_where_the_service_keeps_them(stack: Stack) -> None:
+    topics = stack.new_topics("store", partitions=6)
+    devices = [f"device-{i}" for i in range(40)]
+    stack.produce(
+        topics.input,
+        [(d, b"{}") for d in devices],
+        transactional=False,
+        partitioner="murmur2_random",
+    )
+    consumer = Consumer(
+        stack.kafka_config(**{"group.id": "store-check", "auto.offset.reset": "earliest"})
+    )
+    consumer.subscribe([topics.input])
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < len(devices) and time.monotonic() < deadline:
+        message = consumer.poll(0.5)
+        if message is not None and message.error() is None:
+            seen[(message.key() or b"").decode()] = message.partition() or 0
+    consumer.close()
+    assert seen == {d: kafka_partition(d.encode(), 6) for d in devices}
+
+    prefix = stack.redis_prefix()
+    settings = Settings(redis_key_prefix=prefix, input_topic=topics.input, salt="salt")
+    batch_store = BatchRedisStore(stack.redis(), settings, partitions=6)
+    batch_store.save({d: state(d, 4, 5000) for d in devices})
+    service_view = PartitionStore(stack.redis(), prefix, topics.input, IDS)
+    for device, partition in seen.items():
+        assert service_view.load({partition: (0, [device])})[partition] == {
+            device: state(device, 4, 5000)
+        }

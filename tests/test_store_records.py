@@ -1,0 +1,92 @@
+"""The Redis record format and Kafka's partitioner, as pure units."""
+
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enricher.ids import IdDeriver
+from enricher.session import SessionState
+from enricher.store import NO_OFFSET, RecordCodec, kafka_partition, murmur2
+
+IDS = IdDeriver("salt")
+TIME_MS = st.integers(min_value=0, max_value=253402300799999)
+COUNTER = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+@st.composite
+def states(draw: st.DrawFn, device: str = "device-1") -> SessionState:
+    index = draw(st.integers(min_value=1, max_value=2**31 - 1))
+    canonical = draw(st.booleans())
+    raw = uuid.UUID(int=draw(st.integers(min_value=0, max_value=2**128 - 1)))
+    first_event_id = str(raw) if canonical else str(raw).upper()
+    previous = draw(st.none() | st.uuids().map(str))
+    return SessionState(
+        user_id=IDS.user_id(device),
+        session_id=IDS.session_id(device, index, first_event_id),
+        session_index=index,
+        previous_session_id=previous,
+        event_index=draw(COUNTER),
+        first_event_id=first_event_id,
+        first_event_ms=draw(TIME_MS),
+        last_event_ms=draw(TIME_MS),
+        in_background=draw(st.booleans()),
+        background_index=draw(COUNTER),
+        foreground_index=draw(COUNTER),
+    )
+
+
+@settings(max_examples=200, derandomize=True)
+@given(states(), st.none() | states(), st.integers(min_value=NO_OFFSET, max_value=2**62))
+def test_records_round_trip(
+    state: SessionState, snapshot: SessionState | None, offset: int
+) -> None:
+    codec = RecordCodec(IDS)
+    record = codec.unpack("device-1", codec.pack(state, offset, snapshot))
+    assert record.state == state
+    assert record.snapshot == snapshot
+    assert record.offset == offset
+
+
+@settings(max_examples=50, derandomize=True)
+@given(states(), states(), st.integers(min_value=0, max_value=2**40))
+def test_a_record_from_an_uncommitted_batch_yields_its_snapshot(
+    state: SessionState, snapshot: SessionState, offset: int
+) -> None:
+    record = RecordCodec(IDS).unpack("device-1", RecordCodec(IDS).pack(state, offset, snapshot))
+    assert record.state_before(offset + 1) == state
+    assert record.state_before(offset) == snapshot
+    assert record.state_before(offset - 1) == snapshot
+
+
+def test_a_typical_record_is_compact() -> None:
+    state = SessionState(
+        user_id=IDS.user_id("d"),
+        session_id=IDS.session_id("d", 3, "c6ef3124-b53a-4b13-a233-0088f79dcbcb"),
+        session_index=3,
+        previous_session_id=str(uuid.uuid4()),
+        event_index=12,
+        first_event_id="c6ef3124-b53a-4b13-a233-0088f79dcbcb",
+        first_event_ms=1_767_246_230_664,
+        last_event_ms=1_767_246_299_000,
+        in_background=False,
+        background_index=1,
+        foreground_index=1,
+    )
+    assert len(RecordCodec(IDS).pack(state, 41, state)) <= 140
+
+
+def test_murmur2_matches_the_java_client() -> None:
+    # Reference values from Apache Kafka's own tests of Utils.murmur2.
+    cases = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
+    assert {key: murmur2(key) for key in cases} == cases
+    assert all(0 <= kafka_partition(key, 12) < 12 for key in cases)
