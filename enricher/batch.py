@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 
 from enricher.codecs import avro, tracker
 from enricher.enrich import Enriched, Enricher
@@ -46,6 +47,10 @@ ENRICHED_FILE_SCHEMA = fastavro.parse_schema(
         ],
     }
 )
+
+
+class UnusableFile(Exception):
+    """The input file cannot be read at all (as opposed to one bad record in it)."""
 
 
 class StateStore(Protocol):
@@ -164,7 +169,11 @@ def _is_avro(path: Path) -> bool:
 def _reader(path: Path, files: ExitStack) -> Iterator[_Item]:
     if _is_avro(path):
         stream = files.enter_context(path.open("rb"))
-        return _avro_items(fastavro.reader(stream))
+        try:
+            records = fastavro.reader(stream, RAW_FILE_SCHEMA)
+        except (ValueError, EOFError, SchemaResolutionError) as error:
+            raise UnusableFile(f"{path}: not an Avro file of raw events: {error}") from None
+        return _avro_items(path, records)
     return _json_items(files.enter_context(path.open("rb")))
 
 
@@ -187,8 +196,16 @@ def _json_items(lines: IO[bytes]) -> Iterator[_Item]:
             yield _Item(number, original, error=BadInput("not_json", str(error)))
 
 
-def _avro_items(records: Iterator[Any]) -> Iterator[_Item]:
-    for number, record in enumerate(records, start=1):
+def _avro_items(path: Path, records: Iterator[Any]) -> Iterator[_Item]:
+    number = 0
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except (ValueError, EOFError, SchemaResolutionError) as error:
+            raise UnusableFile(f"{path}: unreadable after record {number}: {error}") from None
+        number += 1
         try:
             if not record["key"]:
                 raise BadInput("missing_key", "no device id in 'key'")

@@ -87,7 +87,11 @@ def _batch(args: argparse.Namespace) -> int:
         store = BatchRedisStore(connect(settings), settings, partitions=args.partitions)
     else:
         store = batch.MemoryStore()
-    summary = batch.run(build_enricher(settings), args.input, args.output, store)
+    try:
+        summary = batch.run(build_enricher(settings), args.input, args.output, store)
+    except batch.UnusableFile as error:
+        print(f"enricher: {error}", file=sys.stderr)
+        return 2
     print(summary.line())
     return 0
 
@@ -106,6 +110,8 @@ def _run(args: argparse.Namespace) -> int:
     import os
     import signal
     import threading
+
+    from confluent_kafka import KafkaException
 
     from enricher import formats, logs
     from enricher.ids import IdDeriver
@@ -147,6 +153,9 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, shut_down)
     try:
         service.run()
+    except KafkaException as error:
+        log.error("stopping on a fatal Kafka error: %s", error)
+        return 1
     finally:
         http.stop()
     log.info("stopped")

@@ -23,6 +23,7 @@ Reason = Literal[
     "invalid_base64",
     "unknown_schema_id",
     "oversize",
+    "not_encodable",
 ]
 
 REASONS: tuple[Reason, ...] = Reason.__args__  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from enricher.codecs import avro, tracker
 from enricher.codecs.registry import RegistryClient, RegistryCodec
 from enricher.enrich import Enriched
+from enricher.errors import BadInput
 
 Decoder = Callable[[bytes], tracker.TrackerEvent]
 Encoder = Callable[[Enriched], bytes]
@@ -28,4 +29,16 @@ def codecs(
     if registry is not None:
         decoders["avro-registry"] = registry.decode
         encoders["avro-registry"] = registry.encode
-    return decoders[input_format], encoders[output_format]
+    return decoders[input_format], _checked(encoders[output_format])
+
+
+def _checked(encode: Encoder) -> Encoder:
+    """An encoder whose failures on one event are that event's fault, not the service's."""
+
+    def checked(enriched: Enriched) -> bytes:
+        try:
+            return encode(enriched)
+        except (ValueError, TypeError, OverflowError) as error:
+            raise BadInput("not_encodable", f"{type(error).__name__}: {error}") from None
+
+    return checked

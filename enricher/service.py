@@ -200,12 +200,14 @@ class Checkpoint:
         service.producer.begin_transaction()
         self.in_transaction = True
         for message, item in zip(self.messages, decoded, strict=True):
-            if isinstance(item, BadInput):
-                service.dead_letter(message, item)
-                reasons = self.outcome.dead_lettered
-                reasons[item.reason] = reasons.get(item.reason, 0) + 1
-            else:
+            try:
+                if isinstance(item, BadInput):
+                    raise item
                 self.enrich(message, item)
+            except BadInput as error:
+                service.dead_letter(message, error)
+                reasons = self.outcome.dead_lettered
+                reasons[error.reason] = reasons.get(error.reason, 0) + 1
         self.save_states()
         offsets = [
             TopicPartition(service.settings.input_topic, p, end + 1) for p, end in self.ends.items()
@@ -246,11 +248,12 @@ class Checkpoint:
         states = self.states[partition]
         state = states[device] if device in states else self.bases[partition][device]
         step, enriched = service.enricher.enrich(device, state, event)
+        value = service.encode(enriched)
         states[device] = step.state
         self.offsets[partition][device] = message.offset
         service.producer.produce(
             service.settings.output_topic,
-            value=service.encode(enriched),
+            value=value,
             key=message.key,
             headers=message.headers,
             timestamp=message.timestamp_ms,
@@ -534,6 +537,7 @@ class Service:
                 log.warning("cannot fence partitions %s yet: %s", numbers, error)
                 time.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
+        self._set_health("kafka", True)
         for partition, epoch in epochs.items():
             self.owned[partition] = Owned(epoch)
         self.metrics.assigned.set(len(self.owned))

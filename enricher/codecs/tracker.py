@@ -52,7 +52,19 @@ def decode(data: bytes) -> TrackerEvent:
         value = json.loads(data)
     except (ValueError, RecursionError) as error:  # also: too deep, too many integer digits
         raise BadInput("not_json", str(error)) from None
+    if b"\\u" in data and isinstance(value, dict):
+        for name, text in value.items():
+            if isinstance(text, str) and not _is_unicode(text):
+                raise BadInput("not_json", f"field {name!r} holds a lone surrogate (not Unicode)")
     return from_fields(value)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def from_fields(value: object) -> TrackerEvent:
