@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -103,15 +103,25 @@ class Metrics:
         )
         self.build = Gauge("enricher_build_info", "Build information", ["version"], registry=r)
         self.build.labels(version=__version__).set(1)
+        self.consumer_info = Gauge(
+            "enricher_consumer_info",
+            "The consumer group and input topic of this instance",
+            ["group", "topic"],
+            registry=r,
+        )
 
-    def observe_stats(self, stats_json: str) -> None:
-        """librdkafka statistics: per-partition consumer lag."""
+    def observe_lag(self, stats_json: str, committed: Mapping[int, int]) -> None:
+        """Consumer lag from librdkafka statistics: the partition's last stable offset minus
+        the offset this instance last committed (through its transactions, which librdkafka's
+        own ``consumer_lag`` does not see)."""
         stats: dict[str, Any] = json.loads(stats_json)
         for topic in stats.get("topics", {}).values():
             for name, partition in topic.get("partitions", {}).items():
-                lag = partition.get("consumer_lag", -1)
-                if name != "-1" and lag >= 0:
-                    self.lag.labels(partition=name).set(lag)
+                number = int(name)
+                end = partition.get("ls_offset", -1)
+                start = max(committed.get(number, -1), partition.get("committed_offset", -1))
+                if number in committed and end >= 0 and start >= 0:
+                    self.lag.labels(partition=name).set(max(0, end - start))
 
     def forget_partitions(self, partitions: list[int]) -> None:
         for partition in partitions:

@@ -117,6 +117,7 @@ class Owned:
     """A partition this instance owns: its fencing epoch, its warm state, its sweep cursor."""
 
     epoch: int
+    committed: int = -1
     cache: dict[str, SessionState] = field(default_factory=dict)
     sweep_cursor: int | None = None
 
@@ -287,10 +288,11 @@ class Checkpoint:
     def committed(self) -> None:
         """After the commit: warm the caches and count what was published."""
         service = self.service
-        for partition, states in self.states.items():
+        for partition, end in self.ends.items():
             owned = service.owned.get(partition)
             if owned is not None:
-                owned.cache.update(states)
+                owned.cache.update(self.states[partition])
+                owned.committed = end + 1
         service.record(self.outcome)
 
 
@@ -317,8 +319,9 @@ class Service:
         self.on_progress: Callable[[], None] = lambda: None
         self._delay = _BACKOFF_START
         self.sweeper = Sweeper(self)
+        metrics.consumer_info.labels(group=settings.group_id, topic=settings.input_topic).set(1)
         consumer_settings = consumer_config(settings)
-        consumer_settings["stats_cb"] = metrics.observe_stats
+        consumer_settings["stats_cb"] = self._observe_stats
         consumer_settings["error_cb"] = self._kafka_error
         self.consumer = Consumer(consumer_settings, logger=logging.getLogger("enricher.kafka"))
         self.producer = Producer(
@@ -512,6 +515,10 @@ class Service:
             self._set_health("kafka", False, error.str())
         else:
             log.info("kafka: %s", error.str())
+
+    def _observe_stats(self, stats_json: str) -> None:
+        committed = {p: owned.committed for p, owned in self.owned.items()}
+        self.metrics.observe_lag(stats_json, committed)
 
     def _usable(self, message: Message) -> bool:
         error = message.error()
