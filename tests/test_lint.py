@@ -51,3 +51,10 @@ def test_mypy() -> None:
     result = run("mypy", *mypy_paths())
     assert_clean(result)
     assert "Success" in result.stdout
+
+
+def test_mypy_on_the_ops_scripts() -> None:
+    scripts = [str(REPO / "ops" / name) for name in ("devstack", "demo")]
+    result = run("mypy", "--strict", "--scripts-are-modules", *scripts)
+    assert_clean(result)
+    assert "Success" in result.stdout

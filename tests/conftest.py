@@ -1,0 +1,3 @@
+"""Shared pytest configuration: the local-stack fixtures (`stack`, `cluster_stack`) of stack.py."""
+
+pytest_plugins = ["stack"]

@@ -1,0 +1,429 @@
+"""Pytest fixtures that run the local stack (ops/devstack) for integration tests.
+
+- `stack`: one Kafka broker and one Redis, started once per pytest run.
+- `cluster_stack`: three Kafka brokers (replication factor 3, min.insync.replicas 2) and a
+  three-master Redis Cluster, started only when a test asks for it.
+
+Both are taken down at the end of the run, unless ENRICHER_TEST_KEEP_STACK=1: then they stay up and
+the next run reuses them (`ops/devstack up` on a running stack only re-prints its settings).
+They live in .devstack/test-plain and .devstack/test-cluster, on free ports that ops/devstack picks
+(`--port-base auto`), or on ENRICHER_TEST_PORT_BASE and that plus 1000 when it is set. A test that
+needs a service it cannot get fails, with the service's log tail; it never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+import redis
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+from redis.cluster import RedisCluster
+
+REPO = Path(__file__).resolve().parent.parent
+DEVSTACK = REPO / "ops" / "devstack"
+STATE_ROOT = REPO / ".devstack"
+PORT_BASE = os.environ.get("ENRICHER_TEST_PORT_BASE")
+KEEP_STACK = os.environ.get("ENRICHER_TEST_KEEP_STACK") == "1"
+# `up` includes the first-time installs (apt, Maven, npm) on a fresh machine.
+UP_TIMEOUT_SECONDS = 600.0
+NO_REGISTRY = (
+    "the local stack has no Schema Registry: Apicurio Registry cannot be built from Maven Central "
+    "(its modules apicurio-registry-schema-util-provider and apicurio-registry-contracts-rules "
+    "are not published there) and Karapace is not on PyPI; see docs/devstack.md"
+)
+
+Config = dict[str, str | int | float | bool]
+Payload = bytes | str | None
+
+
+@dataclass(frozen=True)
+class TopicSet:
+    """The four topics the enricher works with."""
+
+    input: str
+    output: str
+    dlq: str
+    sessions: str
+
+    @property
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.input, self.output, self.dlq, self.sessions)
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
+def _record(message: Message) -> Record:
+    headers = message.headers() or []
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return Record(
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
+        key=_as_bytes(message.key()),
+        value=_as_bytes(message.value()),
+        headers=tuple((k, _as_bytes(v)) for k, v in pairs),
+    )
+
+
+def _as_bytes(value: object) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Stack:
+    """A running stack: connection settings plus helpers for Kafka, Redis and chaos."""
+
+    def __init__(self, state_dir: Path, settings: dict[str, str]) -> None:
+        self.state_dir = state_dir
+        self.settings = settings
+        self.bootstrap_servers = settings["ENRICHER_BOOTSTRAP_SERVERS"]
+        self.redis_url = settings["ENRICHER_REDIS_URL"]
+        self.redis_cluster = settings["ENRICHER_REDIS_CLUSTER"] == "true"
+        self.topics = TopicSet(
+            input=settings["ENRICHER_INPUT_TOPIC"],
+            output=settings["ENRICHER_OUTPUT_TOPIC"],
+            dlq=settings["ENRICHER_DLQ_TOPIC"],
+            sessions=settings["ENRICHER_SESSION_EVENTS_TOPIC"],
+        )
+
+    @property
+    def registry_url(self) -> str:
+        pytest.fail(NO_REGISTRY, pytrace=False)
+
+    def env(self, topics: TopicSet | None = None) -> dict[str, str]:
+        """The ENRICHER_* settings for a process under test, optionally with other topics."""
+        env = dict(self.settings)
+        if topics is not None:
+            env.update(
+                ENRICHER_INPUT_TOPIC=topics.input,
+                ENRICHER_OUTPUT_TOPIC=topics.output,
+                ENRICHER_DLQ_TOPIC=topics.dlq,
+                ENRICHER_SESSION_EVENTS_TOPIC=topics.sessions,
+            )
+        return env
+
+    # ------------------------------------------------------------------ diagnostics and chaos
+
+    def log_tail(self, service: str, lines: int = 40) -> str:
+        chunks = []
+        for path in sorted((self.state_dir / service).glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            chunks.append(f"--- {path}\n" + "\n".join(text))
+        return "\n".join(chunks) or f"--- no logs for {service} in {self.state_dir}"
+
+    def fail(self, message: str, services: Sequence[str]) -> NoReturn:
+        tails = "\n".join(self.log_tail(s) for s in services)
+        pytest.fail(f"{message}\n{tails}", pytrace=False)
+
+    def kafka_services(self) -> list[str]:
+        return [f"kafka-{i + 1}" for i in range(len(self.bootstrap_servers.split(",")))]
+
+    def devstack(self, *args: str, timeout: float = 180.0) -> str:
+        """Run an ops/devstack subcommand against this stack; its stdout is returned."""
+        argv = [sys.executable, str(DEVSTACK), args[0], "--dir", str(self.state_dir), *args[1:]]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            self.fail(
+                f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{_tail(done.stderr)}",
+                self.kafka_services(),
+            )
+        return done.stdout
+
+    def kill_broker(self, broker: int, signal: str = "KILL") -> None:
+        self.devstack("kill-broker", str(broker), "--signal", signal)
+
+    def start_broker(self, broker: int) -> None:
+        """Restart a killed broker and wait until every partition is fully in sync again."""
+        self.devstack("start-broker", str(broker))
+
+    def leader_of(self, topic: str, partition: int = 0) -> int:
+        return self.partitions([topic])[topic][partition]
+
+    # ------------------------------------------------------------------ Kafka
+
+    def kafka_config(self, **extra: str | int | float | bool) -> Config:
+        config: Config = {"bootstrap.servers": self.bootstrap_servers}
+        config.update(extra)
+        return config
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self.kafka_config())
+
+    def producer(self, **extra: str | int | float | bool) -> Producer:
+        return Producer(self.kafka_config(**{"enable.idempotence": True, "acks": "all", **extra}))
+
+    def consumer(self, **extra: str | int | float | bool) -> Consumer:
+        defaults: Config = {
+            "group.id": _unique("test"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+        return Consumer(self.kafka_config(**{**defaults, **extra}))
+
+    def create_topics(self, names: Sequence[str], partitions: int, timeout: float = 30.0) -> None:
+        """Create topics (broker defaults for replication) and wait until all have leaders."""
+        admin = self.admin()
+        futures = admin.create_topics(
+            [NewTopic(n, num_partitions=partitions) for n in names], operation_timeout=timeout
+        )
+        for name, future in futures.items():
+            try:
+                future.result(timeout)
+            except KafkaException as exc:
+                self.fail(f"creating topic {name} failed: {exc}", self.kafka_services())
+        counts = {n: len(leaders) for n, leaders in self.partitions(names, timeout).items()}
+        if set(counts.values()) != {partitions}:
+            self.fail(f"topics have other partition counts than {partitions}: {counts}", [])
+
+    def partitions(self, topics: Sequence[str], timeout: float = 30.0) -> dict[str, dict[int, int]]:
+        """topic -> partition -> leader broker, once every partition of the topics has a leader.
+
+        Brokers learn about new topics one after the other, so this polls until they do."""
+        admin = self.admin()
+        deadline = time.monotonic() + timeout
+        while True:
+            meta = admin.list_topics(timeout=timeout)
+            found = {
+                t: {p.id: p.leader for p in meta.topics[t].partitions.values()}
+                for t in topics
+                if t in meta.topics and meta.topics[t].error is None
+            }
+            waiting = [t for t in topics if not found.get(t) or min(found[t].values()) < 0]
+            if not waiting:
+                return found
+            if time.monotonic() > deadline:
+                self.fail(
+                    f"topics {waiting} do not exist or lack leaders after {timeout}s",
+                    self.kafka_services(),
+                )
+            time.sleep(0.1)
+
+    def new_topics(self, prefix: str = "test", partitions: int = 3) -> TopicSet:
+        """Fresh, uniquely named input/output/dlq/sessions topics for one test."""
+        base = _unique(prefix)
+        topics = TopicSet(f"{base}.raw", f"{base}.enriched", f"{base}.dlq", f"{base}.sessions")
+        self.create_topics(topics.all, partitions)
+        return topics
+
+    def produce(
+        self,
+        topic: str,
+        records: Iterable[tuple[Payload, Payload]],
+        *,
+        transactional: bool = True,
+        timeout: float = 60.0,
+        **extra: str | int | float | bool,
+    ) -> int:
+        """Produce (key, value) pairs, in one committed transaction unless told otherwise.
+
+        Returns how many records were delivered; any delivery error fails the test."""
+        if transactional:
+            extra.setdefault("transactional.id", _unique("test-txn"))
+        producer = self.producer(**extra)
+        errors: list[str] = []
+        delivered = 0
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            nonlocal delivered
+            if error is None:
+                delivered += 1
+            else:
+                errors.append(str(error))
+
+        try:
+            if transactional:
+                producer.init_transactions(timeout)
+                producer.begin_transaction()
+            for key, value in records:
+                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                producer.poll(0)
+            if transactional:
+                producer.commit_transaction(timeout)
+            remaining = producer.flush(timeout)
+        except KafkaException as exc:
+            self.fail(f"producing to {topic} failed: {exc}", self.kafka_services())
+        if errors or remaining:
+            self.fail(
+                f"producing to {topic}: {len(errors)} delivery errors {errors[:5]}, "
+                f"{remaining} records not delivered within {timeout}s",
+                self.kafka_services(),
+            )
+        return delivered
+
+    def _assign_all(self, consumer: Consumer, topics: Sequence[str]) -> list[TopicPartition]:
+        assignment = [
+            TopicPartition(t, p, OFFSET_BEGINNING)
+            for t, leaders in self.partitions(topics).items()
+            for p in leaders
+        ]
+        consumer.assign(assignment)
+        return assignment
+
+    def _poll(self, consumer: Consumer, records: list[Record]) -> None:
+        message = consumer.poll(0.2)
+        if message is None:
+            return
+        error = message.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                self.fail(f"consumer error: {error}", self.kafka_services())
+            return
+        records.append(_record(message))
+
+    def consume(
+        self,
+        topics: Sequence[str],
+        until: Callable[[Sequence[Record]], bool],
+        *,
+        timeout: float = 60.0,
+        **extra: str | int | float | bool,
+    ) -> list[Record]:
+        """Read the topics from the beginning (read_committed) until `until(records)` holds.
+
+        Fails the test, listing what was read, if that does not happen within `timeout`."""
+        consumer = self.consumer(**extra)
+        records: list[Record] = []
+        try:
+            self._assign_all(consumer, topics)
+            deadline = time.monotonic() + timeout
+            while not until(records):
+                if time.monotonic() > deadline:
+                    shown = [(r.topic, r.partition, r.offset, r.key, r.value) for r in records[:10]]
+                    self.fail(
+                        f"condition not met within {timeout}s reading {list(topics)}: "
+                        f"{len(records)} records, first ones {shown}",
+                        self.kafka_services(),
+                    )
+                self._poll(consumer, records)
+        finally:
+            consumer.close()
+        return records
+
+    def read_committed(self, topics: Sequence[str], *, timeout: float = 60.0) -> list[Record]:
+        """Every record committed to the topics so far (up to each partition's last stable
+        offset), for exactly-once assertions; open transactions are not waited for."""
+        consumer = self.consumer()
+        records: list[Record] = []
+        try:
+            assignment = self._assign_all(consumer, topics)
+            ends = {
+                (tp.topic, tp.partition): consumer.get_watermark_offsets(tp, 10, cached=False)[1]
+                for tp in assignment
+            }
+            deadline = time.monotonic() + timeout
+            while True:
+                positions = consumer.position([TopicPartition(t, p) for t, p in ends])
+                behind = [
+                    (tp.topic, tp.partition)
+                    for tp in positions
+                    if ends[(tp.topic, tp.partition)] > max(tp.offset, 0)
+                ]
+                if not behind:
+                    return records
+                if time.monotonic() > deadline:
+                    self.fail(
+                        f"partitions {behind[:10]} not read up to their end within {timeout}s",
+                        self.kafka_services(),
+                    )
+                self._poll(consumer, records)
+        finally:
+            consumer.close()
+
+    # ------------------------------------------------------------------ Redis
+
+    def redis(self) -> redis.Redis | RedisCluster:
+        if self.redis_cluster:
+            return RedisCluster.from_url(self.redis_url)
+        return redis.Redis.from_url(self.redis_url)
+
+    def redis_prefix(self) -> str:
+        """A key prefix no other test uses, e.g. `test-1a2b3c4d5e:`."""
+        return _unique("test") + ":"
+
+
+def port_base(offset: int) -> str:
+    """`auto`, or ENRICHER_TEST_PORT_BASE plus `offset` when that is set."""
+    return "auto" if PORT_BASE is None else str(int(PORT_BASE) + offset)
+
+
+def _run_up(name: str, port_base: str, options: Sequence[str]) -> Stack:
+    state_dir = STATE_ROOT / f"test-{name}"
+    argv = [sys.executable, str(DEVSTACK), "up", "--dir", str(state_dir)]
+    argv += ["--port-base", port_base, *options]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=UP_TIMEOUT_SECONDS, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        subprocess.run(
+            [sys.executable, str(DEVSTACK), "down", "--dir", str(state_dir)], check=False
+        )
+        pytest.fail(
+            f"`{' '.join(argv)}` took over {UP_TIMEOUT_SECONDS}s:\n{_tail(output)}", pytrace=False
+        )
+    if done.returncode != 0:
+        pytest.fail(
+            f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{_tail(done.stderr, 120)}",
+            pytrace=False,
+        )
+    settings = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    return Stack(state_dir, settings)
+
+
+def _run_down(stack: Stack) -> None:
+    if not KEEP_STACK:
+        stack.devstack("down")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """One Kafka broker and one Redis, shared by the whole run."""
+    handle = _run_up("plain", port_base(0), [])
+    yield handle
+    _run_down(handle)
+
+
+@pytest.fixture(scope="session")
+def cluster_stack() -> Iterator[Stack]:
+    """Three Kafka brokers and a three-master Redis Cluster, shared by the whole run."""
+    handle = _run_up("cluster", port_base(1000), ["--brokers", "3", "--redis-cluster"])
+    yield handle
+    _run_down(handle)
