@@ -34,7 +34,9 @@ def _session_flags(parser: argparse.ArgumentParser) -> None:
         help="keep a client_session the tracker already attached (default: replace it)",
     )
     parser.add_argument("--storage-mechanism", help="storageMechanism field (LOCAL_STORAGE)")
-    parser.add_argument("--redis-url", help="keep state in Redis instead of memory")
+    parser.add_argument(
+        "--redis-url", help="continue the streaming service's sessions: state in this Redis"
+    )
 
 
 def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -50,6 +52,7 @@ _SESSION_OVERRIDES = (
     "keep_tracker_entities",
     "storage_mechanism",
     "redis_url",
+    "input_topic",
 )
 
 
@@ -81,9 +84,13 @@ def _batch(args: argparse.Namespace) -> int:
         raise config.ConfigError([f"--input {args.input}: no such file"])
     _warn_default_salt(settings)
     store: batch.StateStore
-    if settings.redis_url:
+    if args.redis_url:
         from enricher.store import BatchRedisStore, connect
 
+        if not settings.input_topic:
+            raise config.ConfigError(
+                ["--redis-url needs the service's input topic (--input-topic), to find its state"]
+            )
         store = BatchRedisStore(connect(settings), settings, partitions=args.partitions)
     else:
         store = batch.MemoryStore()
@@ -234,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("--input", type=Path, required=True, metavar="IN")
     batch.add_argument("--output", type=Path, required=True, metavar="OUT")
     _session_flags(batch)
+    batch.add_argument("--input-topic", help="the service's input topic, with --redis-url")
     batch.add_argument(
         "--partitions",
         type=int,

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer
 from stack import Stack
 
+from enricher import generate
+from enricher.codecs import tracker
 from enricher.config import Settings
 from enricher.ids import IdDeriver
 from enricher.session import SessionState
@@ -120,3 +126,29 @@ def test_file_mode_finds_devices_where_the_service_keeps_them(stack: Stack) -> N
         assert service_view.load({partition: (0, [device])})[partition] == {
             device: state(device, 4, 5000)
         }
+
+
+def test_batch_runs_continue_each_others_sessions_through_redis(
+    stack: Stack, tmp_path: Path
+) -> None:
+    items = list(generate.events(generate.Traffic(events=4000, devices=150, seed=3)))
+    lines = [tracker.dump({"key": key, "event": event}) + b"\n" for key, event in items]
+    whole, first, second = (tmp_path / name for name in ("whole", "first", "second"))
+    whole.write_bytes(b"".join(lines))
+    first.write_bytes(b"".join(lines[:2500]))
+    second.write_bytes(b"".join(lines[2500:]))
+    redis_flags = ["--redis-url", stack.redis_url, "--input-topic", "raw", "--partitions", "6"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENRICHER_")}
+    env["ENRICHER_REDIS_KEY_PREFIX"] = stack.redis_prefix()
+
+    def batch(source: Path, *flags: str) -> list[bytes]:
+        out = source.with_suffix(".out")
+        command = [sys.executable, "-m", "enricher", "batch", "--salt", "s"]
+        command += ["--input", str(source), "--output", str(out), *flags]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        return out.read_bytes().splitlines()
+
+    continued = batch(first, *redis_flags) + batch(second, *redis_flags)
+    assert continued == batch(whole)
+    assert stack.redis().exists(f"{env['ENRICHER_REDIS_KEY_PREFIX']}{{raw:0}}:devices")
