@@ -121,7 +121,9 @@ def _run(args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException
 
     from enricher import formats, logs
+    from enricher.api import SessionApi
     from enricher.ids import IdDeriver
+    from enricher.lookup import SessionLookup
     from enricher.metrics import HttpServer, Metrics
     from enricher.service import Service
     from enricher.store import PartitionStore, connect
@@ -142,6 +144,13 @@ def _run(args: argparse.Namespace) -> int:
     )
     service = Service(settings, build_enricher(settings), store, codecs, metrics)
     http = HttpServer(metrics, service.ready)
+    try:
+        lookup = SessionLookup(store, service.input_partitions(), settings.session_config())
+    except KafkaException as error:
+        log.error("cannot read the input topic's metadata: %s", error)
+        return 1
+    token = settings.session_api_token if settings.session_api_renew else None
+    http.add_route(SessionApi.prefix, SessionApi(lookup, renew_token=token))
     service.on_progress = http.heartbeat
     port = http.start(settings.metrics_host, settings.metrics_port)
     log.info("http on %s:%d (/metrics, /healthz, /readyz)", settings.metrics_host, port)
@@ -215,6 +224,51 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _session(args: argparse.Namespace) -> int:
+    import json
+
+    from enricher.ids import IdDeriver
+    from enricher.lookup import SessionLookup
+    from enricher.store import PartitionStore, connect
+
+    settings = config.load(config_file=args.config, require=("redis_url", "input_topic"))
+    partitions = args.partitions or _topic_partitions(settings)
+    store = PartitionStore(
+        connect(settings), settings.redis_key_prefix, settings.input_topic, IdDeriver(settings.salt)
+    )
+    lookup = SessionLookup(store, partitions, settings.session_config())
+    if args.action == "renew":
+        lookup.renew(args.device_id)
+        print(f"renew requested: the next event of {args.device_id!r} starts a new session")
+        return 0
+    view = lookup.get(args.device_id)
+    if view is None:
+        print(f"enricher: no session for device {args.device_id!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(view.as_dict(), indent=2))
+    else:
+        rows = view.as_dict()
+        width = max(map(len, rows))
+        for name, value in rows.items():
+            print(f"{name:<{width}}  {'null' if value is None else value}")
+    return 0
+
+
+def _topic_partitions(settings: config.Settings) -> int:
+    """The input topic's partition count, from Kafka."""
+    from confluent_kafka.admin import AdminClient
+
+    if not settings.bootstrap_servers:
+        raise config.ConfigError(["--partitions, or ENRICHER_BOOTSTRAP_SERVERS to look it up"])
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **settings.kafka})
+    topics = admin.list_topics(settings.input_topic, timeout=15).topics
+    partitions = topics[settings.input_topic].partitions if settings.input_topic in topics else {}
+    if not partitions:
+        raise config.ConfigError([f"input topic {settings.input_topic!r} not found in Kafka"])
+    return len(partitions)
+
+
 def _overdue(settings: config.Settings) -> None:
     import logging
     import os
@@ -274,6 +328,21 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=("json", "avro"), default="json", help="topic format")
     gen.add_argument("--config", type=Path, help="TOML settings file")
     gen.set_defaults(handler=_generate)
+
+    session = commands.add_parser(
+        "session",
+        help="a device's current session (the tracker's getters), or renew it",
+        description="Reads the streaming service's state (ENRICHER_REDIS_URL,"
+        " ENRICHER_REDIS_KEY_PREFIX, ENRICHER_INPUT_TOPIC, ENRICHER_SALT).",
+    )
+    session.add_argument("action", choices=("get", "renew"))
+    session.add_argument("device_id")
+    session.add_argument("--json", action="store_true", help="JSON instead of a table")
+    session.add_argument(
+        "--partitions", type=int, help="input topic partitions (default: ask Kafka)"
+    )
+    session.add_argument("--config", type=Path, help="TOML settings file")
+    session.set_defaults(handler=_session)
     return root
 
 

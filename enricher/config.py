@@ -66,6 +66,8 @@ class Settings:
     max_message_bytes: int = 900_000
     transaction_timeout_ms: int = 30_000
     shutdown_timeout: float = 20.0
+    session_api_renew: bool = False
+    session_api_token: str = field(default="", repr=False)
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9108
     log_format: str = "text"
@@ -88,7 +90,7 @@ class Settings:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("salt",):
+            if f.name in ("salt", "session_api_token"):
                 value = "***"
             elif f.name in ("redis_url", "schema_registry_url"):
                 value = redact_url(value)
@@ -188,6 +190,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "session_context": _parse_bool,
     "lifecycle_context": _parse_bool,
     "keep_tracker_entities": _parse_bool,
+    "session_api_renew": _parse_bool,
     "state_ttl_days": _non_negative(float),
     "state_sweep_interval": _non_negative(float),
     "foreground_timeout": _non_negative(float),
@@ -279,6 +282,11 @@ def _check(settings: Settings, require: tuple[str, ...]) -> list[str]:
             problems.append(
                 f"{ENV_PREFIX}REDIS_URL: scheme must be redis, rediss or unix, not {scheme!r}"
             )
+    if settings.session_api_renew and len(settings.session_api_token) < 16:
+        problems.append(
+            f"{ENV_PREFIX}SESSION_API_RENEW needs {ENV_PREFIX}SESSION_API_TOKEN"
+            " (at least 16 characters)"
+        )
     registry_needed = "avro-registry" in (settings.input_format, settings.output_format)
     if registry_needed and not settings.schema_registry_url:
         problems.append(f"{ENV_PREFIX}SCHEMA_REGISTRY_URL is required for the avro-registry format")

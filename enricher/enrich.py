@@ -60,9 +60,13 @@ class Enricher:
         self.options = options or EntityOptions()
 
     def enrich(
-        self, device_id: str, state: SessionState | None, event: TrackerEvent
+        self,
+        device_id: str,
+        state: SessionState | None,
+        event: TrackerEvent,
+        renew_requests: int = 0,
     ) -> tuple[Step, Enriched]:
-        step = self.engine.advance(device_id, state, event.facts)
+        step = self.engine.advance(device_id, state, event.facts, renew_requests)
         entities = session_entities(
             step.state,
             storage_mechanism=self.engine.config.storage_mechanism,

@@ -190,6 +190,7 @@ class Checkpoint:
         self.states: dict[int, dict[str, SessionState]] = {p: {} for p in self.starts}
         self.offsets: dict[int, dict[str, int]] = {p: {} for p in self.starts}
         self.bases: dict[int, dict[str, SessionState | None]] = {p: {} for p in self.starts}
+        self.renews: dict[int, dict[str, int]] = {}
         self.outcome = Outcome(consumed=len(messages))
         self.in_transaction = False
 
@@ -236,11 +237,12 @@ class Checkpoint:
                 known[device] = None
                 missing.setdefault(partition, set()).add(device)
                 service.metrics.cache.labels(result="miss").inc()
-        if missing:
-            wanted = {p: (self.starts[p], devices) for p, devices in missing.items()}
-            loaded = service.redis_call("load", lambda: service.store.load(wanted))
-            for partition, states in loaded.items():
-                self.bases[partition].update(states)
+        wanted = {p: (self.starts[p], devices) for p, devices in missing.items()}
+        seen = {p: list(devices) for p, devices in self.bases.items() if devices}
+        loaded, renews = service.redis_call("load", lambda: service.store.load(wanted, seen))
+        for partition, states in loaded.items():
+            self.bases[partition].update(states)
+        self.renews = renews
 
     def enrich(self, message: InputRecord, item: tuple[str, Any]) -> None:
         service = self.service
@@ -248,7 +250,8 @@ class Checkpoint:
         partition = message.partition
         states = self.states[partition]
         state = states[device] if device in states else self.bases[partition][device]
-        step, enriched = service.enricher.enrich(device, state, event)
+        renews = self.renews.get(partition, {}).get(device, 0)
+        step, enriched = service.enricher.enrich(device, state, event, renews)
         value = service.encode(enriched)
         states[device] = step.state
         self.offsets[partition][device] = message.offset
@@ -361,6 +364,15 @@ class Service:
         log.info("leaving the consumer group")
         self.consumer.close()
         self.producer.flush(self.settings.shutdown_timeout)
+
+    def input_partitions(self) -> int:
+        """How many partitions the input topic has (device state is kept per partition)."""
+        topic = self.settings.input_topic
+        metadata = self.consumer.list_topics(topic, timeout=self.kafka_timeout)
+        partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
+        if not partitions:
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, f"no topic {topic}"))
+        return len(partitions)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         detail = {"partitions": sorted(self.owned), **self.healthy}

@@ -40,6 +40,7 @@ class StartCause(enum.Enum):
     NEW_DEVICE = "new_device"
     FOREGROUND_TIMEOUT = "foreground_timeout"
     BACKGROUND_TIMEOUT = "background_timeout"
+    RENEW = "renew"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,9 @@ class SessionState:
     in_background: bool
     background_index: int
     foreground_index: int
+    renews_applied: int = 0
+    """How many renew requests for the device (a counter kept beside the state) this state
+    has honoured; a larger counter means the next event starts a new session."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +133,19 @@ class SessionEngine:
         self.config = config
         self._ids = IdDeriver(config.salt)
 
-    def advance(self, device_id: str, state: SessionState | None, event: EventFacts) -> Step:
-        """Apply one event to a device's state (``None`` for an unknown device)."""
+    def advance(
+        self,
+        device_id: str,
+        state: SessionState | None,
+        event: EventFacts,
+        renew_requests: int = 0,
+    ) -> Step:
+        """Apply one event to a device's state (``None`` for an unknown device).
+
+        ``renew_requests`` is the device's count of renew requests (``startNewSession()``):
+        one the state has not honoured yet starts a new session at this event, whatever the
+        gap. A request before a device's first event is honoured by session 1.
+        """
         if state is None:
             fresh = SessionState(
                 user_id=self._ids.user_id(device_id),
@@ -144,12 +159,14 @@ class SessionEngine:
                 in_background=False,
                 background_index=0,
                 foreground_index=0,
+                renews_applied=renew_requests,
             )
             return Step(_apply_event(fresh, event), StartCause.NEW_DEVICE)
 
         timeouts = self.config.timeouts_for(event.app_id)
         timeout = timeouts.background_ms if state.in_background else timeouts.foreground_ms
-        if event.time_ms - state.last_event_ms > timeout:
+        renew = renew_requests > state.renews_applied
+        if renew or event.time_ms - state.last_event_ms > timeout:
             index = state.session_index + 1
             renewed = SessionState(
                 user_id=state.user_id,
@@ -163,12 +180,14 @@ class SessionEngine:
                 in_background=state.in_background,
                 background_index=0,
                 foreground_index=0,
+                renews_applied=max(renew_requests, state.renews_applied),
             )
-            cause = (
-                StartCause.BACKGROUND_TIMEOUT
-                if state.in_background
-                else StartCause.FOREGROUND_TIMEOUT
-            )
+            if renew:
+                cause = StartCause.RENEW
+            elif state.in_background:
+                cause = StartCause.BACKGROUND_TIMEOUT
+            else:
+                cause = StartCause.FOREGROUND_TIMEOUT
             return Step(_apply_event(renewed, event), cause)
         return Step(_apply_event(state, event), None)
 
@@ -196,4 +215,5 @@ def _apply_event(state: SessionState, event: EventFacts) -> SessionState:
         in_background=in_background,
         background_index=background_index,
         foreground_index=foreground_index,
+        renews_applied=state.renews_applied,
     )

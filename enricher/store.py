@@ -19,7 +19,7 @@ import struct
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 import redis.cluster
@@ -35,7 +35,9 @@ NO_OFFSET = -1  # written by file mode: not tied to a stream position, always co
 _LATEST = 2**63 - 1  # a batch start past every offset: take each record's latest state
 
 _HEADER = struct.Struct("<BBq")  # version, flags, offset
-_STATE = struct.Struct("<BIIIIqq")  # flags, session, event, background, foreground, first, last
+# flags, session index, event index, background index, foreground index, renews applied,
+# first event time, last event time (last: the sweep script reads it at a fixed position)
+_STATE = struct.Struct("<BIIIIIqq")
 _HAS_SNAPSHOT = 1
 _IN_BACKGROUND = 1
 _HAS_PREVIOUS = 2
@@ -104,10 +106,20 @@ def connect(settings: Settings) -> RedisClient:
     return redis.Redis.from_url(settings.redis_url, health_check_interval=30, **options)
 
 
-def partition_keys(prefix: str, topic: str, partition: int) -> tuple[str, str]:
-    """The devices hash and the meta hash of one input partition, in one cluster slot."""
+class PartitionKeys(NamedTuple):
+    """The keys of one input partition, all in one Redis Cluster slot."""
+
+    devices: str
+    """device id -> packed record"""
+    meta: str
+    """``epoch``: the fence"""
+    renews: str
+    """device id -> how many renews were requested for it (only ever incremented)"""
+
+
+def partition_keys(prefix: str, topic: str, partition: int) -> PartitionKeys:
     tag = f"{prefix}{{{topic}:{partition}}}"
-    return f"{tag}:devices", f"{tag}:meta"
+    return PartitionKeys(f"{tag}:devices", f"{tag}:meta", f"{tag}:renews")
 
 
 class RecordCodec:
@@ -140,8 +152,8 @@ class RecordCodec:
         return Record(state, offset, snapshot)
 
     def _unpack_state(self, device_id: str, data: bytes, start: int) -> tuple[SessionState, int]:
-        flags, index, events, background, foreground, first_ms, last_ms = _STATE.unpack_from(
-            data, start
+        flags, index, events, background, foreground, renews, first_ms, last_ms = (
+            _STATE.unpack_from(data, start)
         )
         at = start + _STATE.size
         if flags & _TEXT_EVENT_ID:
@@ -167,6 +179,7 @@ class RecordCodec:
             in_background=bool(flags & _IN_BACKGROUND),
             background_index=background,
             foreground_index=foreground,
+            renews_applied=renews,
         )
         return state, at
 
@@ -186,6 +199,7 @@ def _pack_state(state: SessionState) -> bytes:
             state.event_index,
             state.background_index,
             state.foreground_index,
+            state.renews_applied,
             state.first_event_ms,
             state.last_event_ms,
         )
@@ -212,7 +226,7 @@ class PartitionStore:
         self.topic = topic
         self.codec = RecordCodec(ids)
 
-    def keys(self, partition: int) -> tuple[str, str]:
+    def keys(self, partition: int) -> PartitionKeys:
         return partition_keys(self.prefix, self.topic, partition)
 
     def fence(self, partitions: Iterable[int]) -> dict[int, int]:
@@ -220,27 +234,52 @@ class PartitionStore:
         ordered = list(partitions)
         pipe = self.client.pipeline(transaction=False)
         for partition in ordered:
-            pipe.hincrby(self.keys(partition)[1], "epoch", 1)
+            pipe.hincrby(self.keys(partition).meta, "epoch", 1)
         return dict(zip(ordered, (int(e) for e in pipe.execute()), strict=True))
 
     def load(
-        self, wanted: Mapping[int, tuple[int, Iterable[str]]]
-    ) -> dict[int, dict[str, SessionState]]:
-        """Committed state of devices: ``{partition: (batch start offset, devices)}``."""
+        self,
+        wanted: Mapping[int, tuple[int, Iterable[str]]],
+        renews_of: Mapping[int, Iterable[str]] | None = None,
+    ) -> tuple[dict[int, dict[str, SessionState]], dict[int, dict[str, int]]]:
+        """Committed state of devices, ``{partition: (batch start offset, devices)}``, and the
+        renew requests of ``{partition: devices}``, in one round trip per Redis node."""
         requests = [(p, start, list(devices)) for p, (start, devices) in wanted.items() if devices]
+        renews = [(p, list(devices)) for p, devices in (renews_of or {}).items() if devices]
         pipe = self.client.pipeline(transaction=False)
         for partition, _, devices in requests:
-            pipe.hmget(self.keys(partition)[0], devices)
-        out: dict[int, dict[str, SessionState]] = {p: {} for p in wanted}
-        for (partition, start, devices), values in zip(requests, pipe.execute(), strict=True):
-            states = out[partition]
+            pipe.hmget(self.keys(partition).devices, devices)
+        for partition, devices in renews:
+            pipe.hmget(self.keys(partition).renews, devices)
+        replies = pipe.execute()
+        states: dict[int, dict[str, SessionState]] = {p: {} for p in wanted}
+        state_replies, renew_replies = replies[: len(requests)], replies[len(requests) :]
+        for (partition, start, devices), values in zip(requests, state_replies, strict=True):
+            found = states[partition]
             for device, data in zip(devices, values, strict=True):
                 if data is None:
                     continue
                 state = self.codec.unpack(device, data).state_before(start)
                 if state is not None:
-                    states[device] = state
-        return out
+                    found[device] = state
+        counts: dict[int, dict[str, int]] = {p: {} for p in renews_of or {}}
+        for (partition, devices), values in zip(renews, renew_replies, strict=True):
+            counts[partition] = {d: int(v) for d, v in zip(devices, values, strict=True) if v}
+        return states, counts
+
+    def request_renew(self, partition: int, device: str) -> int:
+        """Ask for a new session at the device's next event; returns the request count."""
+        return int(self.client.hincrby(self.keys(partition).renews, device, 1))
+
+    def latest(self, partition: int, device: str) -> tuple[Record | None, int]:
+        """The device's record as last written, and its renew request count."""
+        keys = self.keys(partition)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(keys.devices, device)
+        pipe.hget(keys.renews, device)
+        data, renews = pipe.execute()
+        record = self.codec.unpack(device, data) if data is not None else None
+        return record, int(renews or 0)
 
     def save(self, writes: Mapping[int, tuple[int, Mapping[str, bytes]]]) -> None:
         """Write packed records: ``{partition: (epoch, {device: record})}``, fenced.
@@ -254,7 +293,8 @@ class PartitionStore:
             args: list[Any] = [epoch]
             for device, data in records.items():
                 args += (device, data)
-            pipe.eval(_WRITE_SCRIPT, 2, *self.keys(partition), *args)
+            keys = self.keys(partition)
+            pipe.eval(_WRITE_SCRIPT, 2, keys.devices, keys.meta, *args)
         results = pipe.execute(raise_on_error=False)
         fenced = []
         for (partition, _, _), result in zip(requests, results, strict=True):
@@ -275,7 +315,8 @@ class PartitionStore:
         pipe = self.client.pipeline(transaction=False)
         for partition, (epoch, cursor) in ordered:
             keys = self.keys(partition)
-            pipe.eval(_SWEEP_SCRIPT, 2, *keys, epoch, cursor, cutoff_ms, count, _LAST_EVENT_AT)
+            sweep_args = (epoch, cursor, cutoff_ms, count, _LAST_EVENT_AT)
+            pipe.eval(_SWEEP_SCRIPT, 2, keys.devices, keys.meta, *sweep_args)
         results = pipe.execute(raise_on_error=False)
         out: dict[int, tuple[int, int]] = {}
         fenced = []
@@ -343,12 +384,12 @@ class BatchRedisStore:
         for device in devices:
             by_partition.setdefault(self._partition(device), []).append(device)
         wanted = {p: (_LATEST, ds) for p, ds in by_partition.items()}
-        loaded = self.store.load(wanted)
+        loaded, _ = self.store.load(wanted)
         return {d: s for states in loaded.values() for d, s in states.items()}
 
     def save(self, states: dict[str, SessionState]) -> None:
         pipe = self.store.client.pipeline(transaction=False)
         for device, state in states.items():
-            devices_key = self.store.keys(self._partition(device))[0]
+            devices_key = self.store.keys(self._partition(device)).devices
             pipe.hset(devices_key, device, self.store.codec.pack(state, NO_OFFSET, None))
         pipe.execute()

@@ -75,7 +75,8 @@ def test_a_typical_record_is_compact() -> None:
         background_index=1,
         foreground_index=1,
     )
-    assert len(RecordCodec(IDS).pack(state, 41, state)) <= 140
+    # A 10-byte header and two states (now and before the batch) of 37 + 2 x 16 bytes.
+    assert len(RecordCodec(IDS).pack(state, 41, state)) == 10 + 2 * (37 + 32)
 
 
 def test_murmur2_matches_the_java_client() -> None:

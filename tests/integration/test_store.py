@@ -53,21 +53,21 @@ def test_a_new_owner_fences_out_the_old_one(store: PartitionStore) -> None:
     with pytest.raises(Fenced) as fenced:
         store.save({0: (old[0], {"d": record}), 1: (old[1], {"d": record})})
     assert fenced.value.partitions == [0]
-    assert store.load({0: (0, ["d"])}) == {0: {}}
-    assert store.load({1: (11, ["d"])}) == {1: {"d": state("d", 1, 1000)}}
+    assert store.load({0: (0, ["d"])})[0] == {0: {}}
+    assert store.load({1: (11, ["d"])})[0] == {1: {"d": state("d", 1, 1000)}}
     store.save({0: (new[0], {"d": record})})
-    assert store.load({0: (11, ["d"])}) == {0: {"d": state("d", 1, 1000)}}
+    assert store.load({0: (11, ["d"])})[0] == {0: {"d": state("d", 1, 1000)}}
 
 
 def test_a_replayed_batch_starts_from_the_snapshot(store: PartitionStore) -> None:
     epoch = store.fence([3])[3]
     before, after = state("d", 1, 1000), state("d", 2, 9000)
     store.save({3: (epoch, {"d": store.codec.pack(after, 57, before)})})
-    assert store.load({3: (50, ["d"])})[3] == {"d": before}
-    assert store.load({3: (57, ["d"])})[3] == {"d": before}
-    assert store.load({3: (58, ["d"])})[3] == {"d": after}
+    assert store.load({3: (50, ["d"])})[0][3] == {"d": before}
+    assert store.load({3: (57, ["d"])})[0][3] == {"d": before}
+    assert store.load({3: (58, ["d"])})[0][3] == {"d": after}
     store.save({3: (epoch, {"new": store.codec.pack(after, 60, None)})})
-    assert store.load({3: (60, ["new"])})[3] == {}
+    assert store.load({3: (60, ["new"])})[0][3] == {}
 
 
 def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
@@ -89,7 +89,7 @@ def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
         if cursor == 0:
             break
     assert deleted == 700
-    remaining = store.load({2: (2, list(records))})[2]
+    remaining = store.load({2: (2, list(records))})[0][2]
     assert sorted(remaining) == sorted(f"new-{i}" for i in range(300))
     with pytest.raises(Fenced):
         store.sweep({2: (epoch - 1, 0)}, now_ms, 10)
@@ -123,7 +123,7 @@ def test_file_mode_finds_devices_where_the_service_keeps_them(stack: Stack) -> N
     batch_store.save({d: state(d, 4, 5000) for d in devices})
     service_view = PartitionStore(stack.redis(), prefix, topics.input, IDS)
     for device, partition in seen.items():
-        assert service_view.load({partition: (0, [device])})[partition] == {
+        assert service_view.load({partition: (0, [device])})[0][partition] == {
             device: state(device, 4, 5000)
         }
 
@@ -152,3 +152,17 @@ def test_batch_runs_continue_each_others_sessions_through_redis(
     continued = batch(first, *redis_flags) + batch(second, *redis_flags)
     assert continued == batch(whole)
     assert stack.redis().exists(f"{env['ENRICHER_REDIS_KEY_PREFIX']}{{raw:0}}:devices")
+
+
+def test_renew_requests_are_counted_beside_the_state(store: PartitionStore) -> None:
+    assert store.latest(4, "d") == (None, 0)
+    assert store.request_renew(4, "d") == 1
+    assert store.request_renew(4, "d") == 2
+    epoch = store.fence([4])[4]
+    store.save({4: (epoch, {"d": store.codec.pack(state("d", 2, 7000), 9, None)})})
+    record, renews = store.latest(4, "d")
+    assert record is not None
+    assert (record.state, renews) == (state("d", 2, 7000), 2)
+    states, counts = store.load({4: (10, ["d"])}, {4: ["d", "other"]})
+    assert states == {4: {"d": state("d", 2, 7000)}}
+    assert counts == {4: {"d": 2}}
