@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,8 +24,10 @@ UNSTRUCT_EVENT_SCHEMA = "iglu:com.snowplowanalytics.snowplow/unstruct_event/json
 SelfDescribing = dict[str, Any]
 
 
+@functools.lru_cache(maxsize=65536)
 def iso_millis(time_ms: int) -> str:
-    """Format epoch milliseconds as JavaScript's ``toISOString()`` does."""
+    """Format epoch milliseconds as JavaScript's ``toISOString()`` does (cached: every event
+    of a session carries its first event's time)."""
     moment = datetime.fromtimestamp(time_ms // 1000, tz=UTC)
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{time_ms % 1000:03d}Z"
 
