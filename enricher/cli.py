@@ -132,6 +132,11 @@ def _run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_format, settings.log_level)
     log = logging.getLogger("enricher")
     _warn_default_salt(settings)
+    # SIGTERM and SIGINT are taken by a thread of their own (below), so that the shutdown
+    # deadline is armed even while the main thread is blocked inside librdkafka. Block them
+    # before any thread starts (librdkafka's included): threads inherit the mask.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     metrics = Metrics()
     store = PartitionStore(
         connect(settings), settings.redis_key_prefix, settings.input_topic, IdDeriver(settings.salt)
@@ -155,18 +160,18 @@ def _run(args: argparse.Namespace) -> int:
     port = http.start(settings.metrics_host, settings.metrics_port)
     log.info("http on %s:%d (/metrics, /healthz, /readyz)", settings.metrics_host, port)
 
-    def shut_down(signum: int, _: object) -> None:
-        if service.stopping.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(130)
-        log.info("%s: finishing the batch and leaving the group", signal.Signals(signum).name)
+    def watch_signals() -> None:
+        first = signal.Signals(signal.sigwait(stop_signals))
+        log.info("%s: finishing the batch and leaving the group", first.name)
         service.stop()
         deadline = threading.Timer(settings.shutdown_timeout, _overdue, (settings,))
         deadline.daemon = True
         deadline.start()
+        second = signal.Signals(signal.sigwait(stop_signals))
+        log.warning("second %s: exiting now", second.name)
+        os._exit(130)
 
-    signal.signal(signal.SIGTERM, shut_down)
-    signal.signal(signal.SIGINT, shut_down)
+    threading.Thread(target=watch_signals, name="signals", daemon=True).start()
     try:
         service.run()
     except KafkaException as error:

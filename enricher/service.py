@@ -557,6 +557,12 @@ class Service:
                 time.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
         self._set_health("kafka", True)
+        # A partition this instance paused when it was fenced stays paused through a
+        # reassignment in librdkafka; owning it again means consuming it again.
+        try:
+            self.consumer.resume(partitions)
+        except KafkaException as error:
+            log.info("partitions %s not resumed: %s", numbers, error)
         for partition, epoch in epochs.items():
             self.owned[partition] = Owned(epoch)
         self.metrics.assigned.set(len(self.owned))

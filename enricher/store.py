@@ -294,7 +294,7 @@ class PartitionStore:
             for device, data in records.items():
                 args += (device, data)
             keys = self.keys(partition)
-            pipe.eval(_WRITE_SCRIPT, 2, keys.devices, keys.meta, *args)
+            pipe.execute_command("EVAL", _WRITE_SCRIPT, 2, keys.devices, keys.meta, *args)
         results = pipe.execute(raise_on_error=False)
         fenced = []
         for (partition, _, _), result in zip(requests, results, strict=True):
@@ -316,7 +316,7 @@ class PartitionStore:
         for partition, (epoch, cursor) in ordered:
             keys = self.keys(partition)
             sweep_args = (epoch, cursor, cutoff_ms, count, _LAST_EVENT_AT)
-            pipe.eval(_SWEEP_SCRIPT, 2, keys.devices, keys.meta, *sweep_args)
+            pipe.execute_command("EVAL", _SWEEP_SCRIPT, 2, keys.devices, keys.meta, *sweep_args)
         results = pipe.execute(raise_on_error=False)
         out: dict[int, tuple[int, int]] = {}
         fenced = []

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -792,10 +792,6 @@ def check_output(
         raise AssertionError(
             "output is not the reference exactly once:\n- " + "\n- ".join(problems)
         )
-
-
-def fail(message: str, fleet: Fleet) -> NoReturn:
-    pytest.fail(f"{message}\n{fleet.tails()}", pytrace=False)
 
 
 def read_all(stack: Stack, topics: TopicSet) -> tuple[list[Record], list[Record]]:

@@ -45,11 +45,6 @@ PORT_BASE = os.environ.get("ENRICHER_TEST_PORT_BASE")
 KEEP_STACK = os.environ.get("ENRICHER_TEST_KEEP_STACK") == "1"
 # `up` includes the first-time installs (apt, Maven, npm) on a fresh machine.
 UP_TIMEOUT_SECONDS = 600.0
-NO_REGISTRY = (
-    "the local stack has no Schema Registry: Apicurio Registry cannot be built from Maven Central "
-    "(its modules apicurio-registry-schema-util-provider and apicurio-registry-contracts-rules "
-    "are not published there) and Karapace is not on PyPI; see docs/devstack.md"
-)
 
 Config = dict[str, str | int | float | bool]
 Payload = bytes | str | None
@@ -121,10 +116,6 @@ class Stack:
             dlq=settings["ENRICHER_DLQ_TOPIC"],
             sessions=settings["ENRICHER_SESSION_EVENTS_TOPIC"],
         )
-
-    @property
-    def registry_url(self) -> str:
-        pytest.fail(NO_REGISTRY, pytrace=False)
 
     def env(self, topics: TopicSet | None = None) -> dict[str, str]:
         """The ENRICHER_* settings for a process under test, optionally with other topics."""
