@@ -281,29 +281,37 @@ class PartitionStore:
         record = self.codec.unpack(device, data) if data is not None else None
         return record, int(renews or 0)
 
-    def save(self, writes: Mapping[int, tuple[int, Mapping[str, bytes]]]) -> None:
-        """Write packed records: ``{partition: (epoch, {device: record})}``, fenced.
-
-        Raises :class:`Fenced` naming every partition whose epoch moved on; the others are
-        written.
-        """
-        requests = [(p, epoch, records) for p, (epoch, records) in writes.items() if records]
+    def _fenced_scripts(self, calls: Mapping[int, tuple[str, list[Any]]]) -> dict[int, Any]:
+        """Run one fenced script per partition (``{partition: (script, args)}``), pipelined;
+        the replies by partition. Raises :class:`Fenced` naming every partition whose epoch
+        moved on (the scripts of the others have run)."""
         pipe = self.client.pipeline(transaction=False)
-        for partition, epoch, records in requests:
-            args: list[Any] = [epoch]
-            for device, data in records.items():
-                args += (device, data)
+        for partition, (script, args) in calls.items():
             keys = self.keys(partition)
-            pipe.execute_command("EVAL", _WRITE_SCRIPT, 2, keys.devices, keys.meta, *args)
-        results = pipe.execute(raise_on_error=False)
+            pipe.execute_command("EVAL", script, 2, keys.devices, keys.meta, *args)
+        replies: dict[int, Any] = {}
         fenced = []
-        for (partition, _, _), result in zip(requests, results, strict=True):
-            if isinstance(result, redis.ResponseError) and str(result).startswith("FENCED"):
+        for partition, reply in zip(calls, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(reply, redis.ResponseError) and str(reply).startswith("FENCED"):
                 fenced.append(partition)
-            elif isinstance(result, Exception):
-                raise result
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                replies[partition] = reply
         if fenced:
             raise Fenced(fenced)
+        return replies
+
+    def save(self, writes: Mapping[int, tuple[int, Mapping[str, bytes]]]) -> None:
+        """Write packed records, ``{partition: (epoch, {device: record})}``, fenced."""
+        calls: dict[int, tuple[str, list[Any]]] = {}
+        for partition, (epoch, records) in writes.items():
+            if records:
+                args: list[Any] = [epoch]
+                for device, data in records.items():
+                    args += (device, data)
+                calls[partition] = (_WRITE_SCRIPT, args)
+        self._fenced_scripts(calls)
 
     def sweep(
         self, slices: Mapping[int, tuple[int, int]], cutoff_ms: int, count: int
@@ -311,25 +319,12 @@ class PartitionStore:
         """Delete devices whose last event is older than ``cutoff_ms``, one HSCAN slice per
         partition: ``{partition: (epoch, cursor)}`` -> ``{partition: (next cursor, deleted)}``.
         A cursor of 0 after the first slice means the partition's sweep is complete."""
-        ordered = list(slices.items())
-        pipe = self.client.pipeline(transaction=False)
-        for partition, (epoch, cursor) in ordered:
-            keys = self.keys(partition)
-            sweep_args = (epoch, cursor, cutoff_ms, count, _LAST_EVENT_AT)
-            pipe.execute_command("EVAL", _SWEEP_SCRIPT, 2, keys.devices, keys.meta, *sweep_args)
-        results = pipe.execute(raise_on_error=False)
-        out: dict[int, tuple[int, int]] = {}
-        fenced = []
-        for (partition, _), result in zip(ordered, results, strict=True):
-            if isinstance(result, redis.ResponseError) and str(result).startswith("FENCED"):
-                fenced.append(partition)
-            elif isinstance(result, Exception):
-                raise result
-            else:
-                out[partition] = (int(result[0]), int(result[1]))
-        if fenced:
-            raise Fenced(fenced)
-        return out
+        calls = {
+            partition: (_SWEEP_SCRIPT, [epoch, cursor, cutoff_ms, count, _LAST_EVENT_AT])
+            for partition, (epoch, cursor) in slices.items()
+        }
+        replies = self._fenced_scripts(calls)
+        return {p: (int(reply[0]), int(reply[1])) for p, reply in replies.items()}
 
 
 def kafka_partition(key: bytes, partitions: int) -> int:
