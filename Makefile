@@ -17,7 +17,9 @@ lint:
 demo: install  ## stack up, sample traffic, the enricher, a session summary, stack down
 	ops/demo
 
-bench:
+bench:  ## throughput, latency and Redis cost against a passthrough ceiling (15-25 min)
+	$(PYTHON) -m pip install -q -e '.[test,bench]'
+	ops/devstack install
 	$(PYTHON) -m bench
 
 stack-up:

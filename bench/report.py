@@ -1,0 +1,291 @@
+"""The results as a Markdown table, a JSON file and a PNG chart."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import say
+from bench.results import Batch, Latency, Results, Streaming, milliseconds
+
+UNSUPPORTED = "not supported"
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _latency_cells(latency: Latency) -> list[str]:
+    return [
+        milliseconds(latency.p50_ms),
+        milliseconds(latency.p99_ms),
+        f"{latency.offered_rate:,.0f}/s",
+    ]
+
+
+def _runs(rates: list[float]) -> str:
+    return " / ".join(_rate(r) for r in rates)
+
+
+def markdown(results: Results) -> str:
+    plan, machine = results.plan, results.machine
+    passthrough, enricher, batch = results.passthrough, results.enricher, results.batch
+    rows = [
+        [
+            "passthrough: decode, encode, produce, transactions; no state",
+            _rate(passthrough.rate),
+            "1.00",
+            *_latency_cells(passthrough.latency),
+            f"{passthrough.cpu_per_1k:.3f}",
+            "none",
+        ],
+        [
+            "enricher, exactly-once (`enricher run`)",
+            _rate(enricher.rate),
+            f"{results.ratio(enricher.rate):.2f}",
+            *_latency_cells(enricher.latency),
+            f"{enricher.cpu_per_1k:.3f}",
+            f"{enricher.commands_per_event:.4f} / {enricher.latency.commands_per_event:.4f}",
+        ],
+        ["enricher, at-least-once", UNSUPPORTED, *[""] * 6],
+        [
+            "batch mode (`enricher batch`, one core, state in memory)",
+            _rate(batch.rate),
+            f"{results.ratio(batch.rate):.2f}",
+            "n/a",
+            "n/a",
+            "n/a",
+            f"{batch.cpu_per_1k:.3f}",
+            "none",
+        ],
+    ]
+    header = [
+        "mode",
+        "events/s",
+        "x passthrough",
+        "p50 latency",
+        "p99 latency",
+        "offered load",
+        "CPU s / 1k events",
+        "Redis commands / event (backlog / half load)",
+    ]
+    table = [
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    targets = [
+        "| target | measured | |",
+        "|---|---|---|",
+        *(
+            f"| {t.goal} | {t.measured} | {'met' if t.met else '**not met**'} |"
+            for t in results.targets()
+        ),
+    ]
+    memory = results.memory
+    lines = [
+        "# Session enricher benchmark",
+        "",
+        f"`python -m bench` on {machine['date']}: {plan['events']:,} events of"
+        f" {plan['devices']:,} devices (seed {plan['seed']}), {plan['partitions']} partitions,"
+        f" batch size {plan['batch_size']}, median of {plan['runs']} run(s).",
+        f"Machine: {machine['cpu_model']}, {machine['nproc']} cores, {machine['memory_gib']} GiB;"
+        f" Python {machine['python']}, Kafka {machine['kafka']}, Redis {machine['redis']}"
+        f" (appendfsync {machine['redis_appendfsync']}), librdkafka {machine['librdkafka']};"
+        f" load average {machine['load_average_1m_start']} at the start,"
+        f" {machine['load_average_1m_end']} at the end.",
+        "",
+        *table,
+        "",
+        f"Runs, events/s: passthrough {_runs([r.window.rate for r in passthrough.runs])};"
+        f" enricher {_runs([r.window.rate for r in enricher.runs])};"
+        f" batch {_runs([w.rate for w in batch.runs])}.",
+        "CPU s / 1k events counts the process alone; with the Kafka broker and Redis on the"
+        f" same machine: passthrough {passthrough.stack_cpu_per_1k:.3f},"
+        f" enricher {enricher.stack_cpu_per_1k:.3f}, keeping {passthrough.cores_busy:.2f} and"
+        f" {enricher.cores_busy:.2f} of the {machine['nproc']} cores busy.",
+        "Redis commands / event count what INFO commandstats counts, the HGET and HSET that"
+        " the fenced-write script runs included; sent by the service itself (EVAL, HMGET,"
+        f" HINCRBY): {enricher.sent_per_event:.4f} from the backlog, where a batch mostly"
+        f" holds one or two partitions, {enricher.latency.sent_per_event:.4f} at half load,"
+        " where every batch spans all of them.",
+        f"Latency: offered at half of each mode's median rate for {plan['latency_seconds']:.0f} s"
+        f" after a {plan['warmup_seconds']:.0f} s warm-up; p90"
+        f" {milliseconds(passthrough.latency.p90_ms)} (passthrough),"
+        f" {milliseconds(enricher.latency.p90_ms)} (enricher); the process, the broker and"
+        f" Redis kept {passthrough.latency.window.cores_busy:.2f} (passthrough) and"
+        f" {enricher.latency.window.cores_busy:.2f} (enricher) cores busy, the benchmark's"
+        " own producer and reader"
+        f" {passthrough.latency.bench_cpu_seconds / passthrough.latency.window.seconds:.2f}"
+        f" and {enricher.latency.bench_cpu_seconds / enricher.latency.window.seconds:.2f}.",
+        f"Redis memory per device: {memory.per_device:.0f} B (`enricher batch --redis-url`,"
+        f" {memory.devices:,} devices, one event each); after an `enricher run`, whose records"
+        f" also carry a snapshot: {enricher.memory_per_device:.0f} B"
+        f" ({enricher.devices:,} devices).",
+        f"Batch mode: {batch.summary}.",
+        "",
+        "## Targets",
+        "",
+        *targets,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _streaming_json(mode: Streaming) -> dict[str, Any]:
+    redis = {
+        "redis_commands_per_event": mode.commands_per_event,
+        "redis_commands_sent_per_event": mode.sent_per_event,
+        "redis_commands_per_event_at_half_load": mode.latency.commands_per_event,
+        "redis_commands_sent_per_event_at_half_load": mode.latency.sent_per_event,
+        "redis_memory_bytes_per_device": mode.memory_per_device,
+    }
+    return {
+        "events_per_second": mode.rate,
+        "cpu_seconds_per_1k_events": mode.cpu_per_1k,
+        "stack_cpu_seconds_per_1k_events": mode.stack_cpu_per_1k,
+        "cores_busy": mode.cores_busy,
+        **(redis if mode.commands_per_event else {}),
+        "runs": [
+            {
+                **dataclasses.asdict(run),
+                "events_per_second": run.window.rate,
+                "cpu_seconds_per_1k_events": run.window.cpu_per_1k,
+                "stack_cpu_seconds_per_1k_events": run.window.stack_cpu_per_1k,
+                "cores_busy": run.window.cores_busy,
+            }
+            for run in mode.runs
+        ],
+        "latency": dataclasses.asdict(mode.latency),
+    }
+
+
+def _batch_json(batch: Batch) -> dict[str, Any]:
+    return {
+        "events_per_second": batch.rate,
+        "events_per_cpu_second": batch.rate_per_cpu_second,
+        "cpu_seconds_per_1k_events": batch.cpu_per_1k,
+        "summary": batch.summary,
+        "runs": [{**dataclasses.asdict(w), "events_per_second": w.rate} for w in batch.runs],
+    }
+
+
+def as_json(results: Results) -> dict[str, Any]:
+    return {
+        "machine": results.machine,
+        "plan": results.plan,
+        "modes": {
+            "passthrough": {**_streaming_json(results.passthrough), "ratio_to_passthrough": 1.0},
+            "enricher_exactly_once": {
+                **_streaming_json(results.enricher),
+                "ratio_to_passthrough": results.ratio(results.enricher.rate),
+            },
+            "enricher_at_least_once": UNSUPPORTED,
+            "batch": {
+                **_batch_json(results.batch),
+                "ratio_to_passthrough": results.ratio(results.batch.rate),
+            },
+        },
+        "redis_memory": {
+            **dataclasses.asdict(results.memory),
+            "bytes_per_device": results.memory.per_device,
+        },
+        "targets": [dataclasses.asdict(t) for t in results.targets()],
+    }
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write next to ``path`` and rename, so a reader never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+
+
+def write(results: Results, folder: Path, name: str) -> tuple[str, list[Path]]:
+    """``<name>.md``, ``<name>.json`` and, with matplotlib, ``<name>.png`` in ``folder``;
+    returns the Markdown and the files written."""
+    text = markdown(results)
+    written = [folder / f"{name}.md", folder / f"{name}.json"]
+    _replace(written[0], text.encode())
+    _replace(written[1], (json.dumps(as_json(results), indent=2) + "\n").encode())
+    if chart(results, folder / f"{name}.png"):
+        written.append(folder / f"{name}.png")
+    return text, written
+
+
+def chart(results: Results, path: Path) -> bool:
+    """Throughput per mode (every run, and the targets) and latency at half of peak; False
+    when matplotlib is not installed."""
+    try:
+        # Loaded by name: matplotlib is an optional dependency (the `bench` extra), and this
+        # way `mypy bench` needs it neither.
+        importlib.import_module("matplotlib").use("Agg")
+        plt = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        say(f"matplotlib is not installed (pip install matplotlib): no {path.name}")
+        return False
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=(3, 2))
+    _throughput(left, results)
+    _latency(right, results)
+    plan, machine = results.plan, results.machine
+    figure.suptitle(
+        f"session enricher: {plan['events']:,} events, {plan['devices']:,} devices,"
+        f" {machine['nproc']} cores ({machine['cpu_model']}), {machine['date']}",
+        fontsize="medium",
+    )
+    figure.tight_layout()
+    temporary = path.with_name(path.name + ".tmp")
+    figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
+    temporary.replace(path)
+    return True
+
+
+def _throughput(axes: Any, results: Results) -> None:
+    passthrough, enricher, batch = results.passthrough, results.enricher, results.batch
+    names = ["passthrough", "enricher\nexactly-once", "batch mode\n(one core)"]
+    medians = [passthrough.rate, enricher.rate, batch.rate]
+    runs = [
+        [r.window.rate for r in passthrough.runs],
+        [r.window.rate for r in enricher.runs],
+        [w.rate for w in batch.runs],
+    ]
+    bars = axes.bar(names, medians, color=["#9e9e9e", "#1f77b4", "#2ca02c"])
+    axes.bar_label(bars, labels=[f"{m:,.0f}/s" for m in medians], padding=3)
+    for position, rates in enumerate(runs):
+        axes.scatter([position] * len(rates), rates, color="black", s=12, zorder=3)
+    axes.axhline(
+        0.6 * passthrough.rate, color="#1f77b4", linestyle="--", label="target: 0.6x passthrough"
+    )
+    axes.axhline(50_000, color="#2ca02c", linestyle=":", label="target: batch 50k/s")
+    axes.set_ylabel("events/s (bars: median, dots: runs)")
+    axes.set_title("throughput")
+    axes.legend(loc="upper left", fontsize="small")
+    axes.margins(y=0.15)
+
+
+def _latency(axes: Any, results: Results) -> None:
+    modes = [("passthrough", results.passthrough.latency), ("enricher", results.enricher.latency)]
+    width = 0.38
+    for offset, label in enumerate(("p50", "p99")):
+        values = [latency.p50_ms if label == "p50" else latency.p99_ms for _, latency in modes]
+        positions = [i + (offset - 0.5) * width for i in range(len(modes))]
+        drawn = axes.bar(positions, [v or 0.0 for v in values], width, label=label)
+        axes.bar_label(
+            drawn,
+            labels=["not delivered" if v is None else f"{v:,.0f}" for v in values],
+            padding=2,
+            fontsize="small",
+        )
+    axes.set_xticks(
+        range(len(modes)),
+        [f"{name}\nat {latency.offered_rate:,.0f}/s" for name, latency in modes],
+    )
+    axes.axhline(1000, color="red", linestyle="--", label="target: p99 1 s")
+    axes.set_ylabel("end-to-end latency, ms")
+    axes.set_title("latency at half of peak load")
+    axes.legend(fontsize="small")
+    axes.margins(y=0.15)

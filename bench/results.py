@@ -1,0 +1,257 @@
+"""What the benchmark measured, and the numbers derived from it."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+# The service sends these only from inside its Lua scripts (enricher/store.py): the fenced
+# write runs HGET and HSET, the sweep HSCAN and HDEL. Everything else it sends itself.
+SCRIPT_COMMANDS = frozenset({"hget", "hset", "hscan", "hdel"})
+
+
+@dataclass(frozen=True)
+class Window:
+    """Events processed in a measured interval, and CPU time in it: the process's, and that
+    of the Kafka broker and Redis on the same machine (0 where they took no part)."""
+
+    events: int
+    seconds: float
+    cpu_seconds: float
+    broker_cpu_seconds: float = 0.0
+    redis_cpu_seconds: float = 0.0
+
+    @property
+    def stack_cpu_per_1k(self) -> float:
+        """CPU of the process, the broker and Redis together per 1000 events."""
+        total = self.cpu_seconds + self.broker_cpu_seconds + self.redis_cpu_seconds
+        return total / self.events * 1000
+
+    @property
+    def cores_busy(self) -> float:
+        """How many cores the process, the broker and Redis kept busy on average."""
+        return (self.cpu_seconds + self.broker_cpu_seconds + self.redis_cpu_seconds) / self.seconds
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+    @property
+    def cpu_per_1k(self) -> float:
+        return self.cpu_seconds / self.events * 1000
+
+
+@dataclass(frozen=True)
+class RedisUse:
+    """Redis over one whole service run: commands per command name, ``used_memory`` growth."""
+
+    calls: dict[str, int]
+    memory_bytes: int
+
+    @property
+    def commands(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def sent(self) -> int:
+        """Commands the client sent, without those its scripts ran."""
+        return sum(n for name, n in self.calls.items() if name not in SCRIPT_COMMANDS)
+
+
+@dataclass(frozen=True)
+class StreamRun:
+    window: Window
+    redis: RedisUse
+
+
+@dataclass(frozen=True)
+class Latency:
+    """End to end at a fixed offered load, from produce time to read_committed delivery, and
+    Redis over the same run (a steady stream: every batch spans the partitions)."""
+
+    offered_rate: float
+    achieved_rate: float
+    window: Window  # from the first record offered until the last read (or the deadline)
+    bench_cpu_seconds: float  # the benchmark's own feeding and reading, in the window
+    expected: int  # records produced after the warm-up
+    received: int  # of those, read from the output before the deadline
+    p50_ms: float | None  # None: that rank was not delivered before the deadline
+    p90_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    redis: RedisUse
+
+    @staticmethod
+    def of(
+        latencies_ms: list[float],
+        *,
+        offered: float,
+        achieved: float,
+        expected: int,
+        window: Window,
+        bench_cpu_seconds: float,
+        redis: RedisUse,
+    ) -> Latency:
+        ordered = sorted(latencies_ms)
+
+        def rank(q: float) -> float | None:
+            position = max(1, math.ceil(q * expected))
+            return ordered[position - 1] if position <= len(ordered) else None
+
+        complete = len(ordered) >= expected
+        return Latency(
+            offered_rate=offered,
+            achieved_rate=achieved,
+            window=window,
+            bench_cpu_seconds=bench_cpu_seconds,
+            expected=expected,
+            received=len(ordered),
+            p50_ms=rank(0.50),
+            p90_ms=rank(0.90),
+            p99_ms=rank(0.99),
+            max_ms=ordered[-1] if ordered and complete else None,
+            redis=redis,
+        )
+
+    @property
+    def commands_per_event(self) -> float:
+        return self.redis.commands / self.window.events
+
+    @property
+    def sent_per_event(self) -> float:
+        return self.redis.sent / self.window.events
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """A streaming mode: throughput runs on the preloaded input, then one latency run."""
+
+    runs: list[StreamRun]
+    latency: Latency
+    events: int
+    devices: int
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(r.window.rate for r in self.runs)
+
+    @property
+    def cpu_per_1k(self) -> float:
+        return statistics.median(r.window.cpu_per_1k for r in self.runs)
+
+    @property
+    def stack_cpu_per_1k(self) -> float:
+        return statistics.median(r.window.stack_cpu_per_1k for r in self.runs)
+
+    @property
+    def cores_busy(self) -> float:
+        return statistics.median(r.window.cores_busy for r in self.runs)
+
+    @property
+    def commands_per_event(self) -> float:
+        return statistics.median(r.redis.commands / self.events for r in self.runs)
+
+    @property
+    def sent_per_event(self) -> float:
+        return statistics.median(r.redis.sent / self.events for r in self.runs)
+
+    @property
+    def memory_per_device(self) -> float:
+        return statistics.median(r.redis.memory_bytes / self.devices for r in self.runs)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """``enricher batch`` runs on the JSON Lines copy of the input."""
+
+    runs: list[Window]
+    summary: str  # the command's own last line, e.g. "events=... sessions=... errors=0"
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(w.rate for w in self.runs)
+
+    @property
+    def cpu_per_1k(self) -> float:
+        return statistics.median(w.cpu_per_1k for w in self.runs)
+
+    @property
+    def rate_per_cpu_second(self) -> float:
+        return statistics.median(w.events / w.cpu_seconds for w in self.runs)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """``used_memory`` before and after ``enricher batch --redis-url`` wrote one record per
+    device."""
+
+    devices: int
+    before: int
+    after: int
+
+    @property
+    def per_device(self) -> float:
+        return (self.after - self.before) / self.devices
+
+
+@dataclass(frozen=True)
+class Target:
+    goal: str
+    measured: str
+    met: bool
+
+
+@dataclass(frozen=True)
+class Results:
+    plan: dict[str, object]
+    machine: dict[str, object]
+    passthrough: Streaming
+    enricher: Streaming
+    batch: Batch
+    memory: Memory
+
+    def ratio(self, rate: float) -> float:
+        return rate / self.passthrough.rate
+
+    def targets(self) -> list[Target]:
+        enricher, batch = self.enricher, self.batch
+        ratio = self.ratio(enricher.rate)
+        p99 = enricher.latency.p99_ms
+        steady = enricher.latency
+        return [
+            Target(
+                "enricher exactly-once >= 0.6x passthrough",
+                f"{ratio:.2f}x ({enricher.rate:,.0f} vs {self.passthrough.rate:,.0f} events/s)",
+                ratio >= 0.6,
+            ),
+            Target(
+                "<= 0.05 Redis commands per event (batch size 1000)",
+                f"{enricher.commands_per_event:.4f} from a backlog,"
+                f" {steady.commands_per_event:.4f} at half of peak load"
+                f" (sent by the service: {enricher.sent_per_event:.4f},"
+                f" {steady.sent_per_event:.4f})",
+                max(enricher.commands_per_event, steady.commands_per_event) <= 0.05,
+            ),
+            Target(
+                "<= 300 bytes of Redis memory per device",
+                f"{self.memory.per_device:.0f} B ({self.memory.devices:,} devices)",
+                self.memory.per_device <= 300,
+            ),
+            Target(
+                ">= 50k events/s in batch mode on one core",
+                f"{batch.rate:,.0f} events/s ({batch.rate_per_cpu_second:,.0f} per CPU second)",
+                batch.rate >= 50_000,
+            ),
+            Target(
+                "p99 latency <= 1 s at half of peak load",
+                milliseconds(p99) + f" at {enricher.latency.offered_rate:,.0f} events/s",
+                p99 is not None and p99 <= 1000,
+            ),
+        ]
+
+
+def milliseconds(value: float | None) -> str:
+    if value is None:
+        return "not delivered"
+    return f"{value:,.0f} ms" if value < 10_000 else f"{value / 1000:,.1f} s"

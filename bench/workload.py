@@ -1,0 +1,169 @@
+"""The events the benchmark feeds: the load generator's traffic, in Kafka and in files."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from bench.common import BenchError, say
+from bench.stack import Kafka
+from enricher import generate
+from enricher.codecs import tracker
+
+Payload = tuple[bytes, bytes]  # (key, value) as produced
+PROGRESS_EVERY = 100_000
+DAY_MS = 86_400_000
+FEED_TICK_SECONDS = 0.005
+
+
+def producer(kafka: Kafka, linger_ms: int) -> Producer:
+    """An idempotent, non-transactional producer with the Java clients' partitioner (what a
+    collector writes with): the input's offsets are then exactly its records."""
+    return Producer(
+        kafka.config(
+            **{
+                "partitioner": "murmur2_random",
+                "enable.idempotence": True,
+                "linger.ms": linger_ms,
+            }
+        )
+    )
+
+
+class Delivery:
+    """Counts failed deliveries of one producer; with ``timestamps``, also keeps the timestamp
+    of every delivered record."""
+
+    def __init__(self, *, timestamps: bool = False) -> None:
+        self.failures = 0
+        self.first: str | None = None
+        self.timestamps: list[int] | None = [] if timestamps else None
+
+    def __call__(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self.failures += 1
+            self.first = self.first or str(error)
+        elif self.timestamps is not None:
+            self.timestamps.append(message.timestamp()[1])
+
+    def finish(self, producer: Producer, topic: str) -> None:
+        remaining = int(producer.flush(60))
+        if remaining or self.failures:
+            raise BenchError(
+                f"producing to {topic}: {self.failures} failed ({self.first}),"
+                f" {remaining} not delivered within 60s"
+            )
+
+
+def _produce(producer: Producer, topic: str, key: bytes, value: bytes, report: Delivery) -> None:
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, on_delivery=report)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    devices: int  # distinct devices in the traffic
+    latest_ms: int  # the latest device time of any event
+
+
+def preload(kafka: Kafka, topic: str, traffic: generate.Traffic, jsonl: Path) -> Preloaded:
+    """Write the traffic to ``topic`` and, the same events, to a JSON Lines file for
+    ``enricher batch``."""
+    out = producer(kafka, linger_ms=20)
+    report = Delivery()
+    devices: set[str] = set()
+    latest_ms = 0
+    started = time.monotonic()
+    with jsonl.open("wb") as lines:
+        for count, (key, event) in enumerate(generate.events(traffic), start=1):
+            devices.add(key)
+            latest_ms = max(latest_ms, int(event["dtm"]))
+            _produce(out, topic, key.encode(), tracker.dump(event), report)
+            lines.write(tracker.dump({"key": key, "event": event}) + b"\n")
+            out.poll(0)
+            if count % PROGRESS_EVERY == 0:
+                say(f"preloading: {count:,} of {traffic.events:,} events")
+    report.finish(out, topic)
+    rate = traffic.events / (time.monotonic() - started)
+    say(f"preloaded {traffic.events:,} events of {len(devices):,} devices ({rate:,.0f}/s)")
+    return Preloaded(len(devices), latest_ms)
+
+
+def returning(traffic: generate.Traffic, count: int, after_ms: int) -> list[Payload]:
+    """``count`` more events of the same devices, as Kafka keys and values: the generator with
+    the next seed, every device time moved past ``after_ms`` (a day later than the preloaded
+    traffic ends), so that each device comes back to a new session. Generated ahead, so that
+    producing them at a fixed rate costs the benchmark little CPU."""
+    source = generate.Traffic(count, traffic.devices, traffic.seed + 1)
+    offset = after_ms + DAY_MS - generate.START_MS
+    items = []
+    for key, event in generate.events(source):
+        moved = {**event, "dtm": str(int(event["dtm"]) + offset)}
+        moved["stm"] = str(int(event["stm"]) + offset)
+        items.append((key.encode(), tracker.dump(moved)))
+    return items
+
+
+@dataclass(frozen=True)
+class Fed:
+    started: float  # epoch seconds
+    seconds: float
+    timestamps: list[int]  # of every record, epoch ms
+
+
+def feed(kafka: Kafka, topic: str, items: list[Payload], rate: float) -> Fed:
+    """Produce ``items`` at ``rate`` per second; each record's timestamp is its produce time."""
+    out = producer(kafka, linger_ms=5)
+    report = Delivery(timestamps=True)
+    sent = 0
+    wall_start = time.time()
+    started = time.monotonic()
+    next_report = started + 5
+    while sent < len(items):
+        now = time.monotonic()
+        due = min(len(items), int((now - started) * rate) + 1)
+        for key, value in items[sent:due]:
+            _produce(out, topic, key, value, report)
+        sent = max(sent, due)
+        out.poll(0)
+        if now >= next_report:
+            say(f"  offered {sent:,} of {len(items):,} events")
+            next_report += 5
+        time.sleep(FEED_TICK_SECONDS)
+    elapsed = time.monotonic() - started
+    report.finish(out, topic)
+    return Fed(wall_start, elapsed, report.timestamps or [])
+
+
+def one_event_per_device(path: Path, devices: int, seed: int) -> None:
+    """A JSON Lines file with one structured event for each of ``devices`` devices."""
+    rng = random.Random(seed)
+    with path.open("wb") as lines:
+        for index in range(devices):
+            lines.write(tracker.dump(_single_event(index, rng)) + b"\n")
+
+
+def _single_event(index: int, rng: random.Random) -> dict[str, object]:
+    time_ms = generate.START_MS + rng.randrange(0, 86_400_000)
+    event = {
+        "e": "se",
+        "se_ca": "ui",
+        "se_ac": "tap",
+        "eid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "dtm": str(time_ms),
+        "stm": str(time_ms + rng.randrange(0, 2_000)),
+        "p": "mob",
+        "aid": "demo-app",
+        "tv": "rn-4.10.1",
+        "tna": "demo",
+    }
+    return {"key": generate.device_id(index), "event": event}
