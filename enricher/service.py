@@ -222,6 +222,7 @@ class Checkpoint:
     def load_states(self, decoded: list[tuple[str, Any] | BadInput]) -> None:
         service = self.service
         missing: dict[int, set[str]] = {}
+        hits = 0
         for message, item in zip(self.messages, decoded, strict=True):
             if isinstance(item, BadInput):
                 continue
@@ -232,11 +233,12 @@ class Checkpoint:
             cache = service.owned[partition].cache
             if device in cache:
                 known[device] = cache[device]
-                service.metrics.cache.labels(result="hit").inc()
+                hits += 1
             else:
                 known[device] = None
                 missing.setdefault(partition, set()).add(device)
-                service.metrics.cache.labels(result="miss").inc()
+        service.metrics.cache.labels(result="hit").inc(hits)
+        service.metrics.cache.labels(result="miss").inc(sum(map(len, missing.values())))
         wanted = {p: (self.starts[p], devices) for p, devices in missing.items()}
         seen = {p: list(devices) for p, devices in self.bases.items() if devices}
         loaded, renews = service.redis_call("load", lambda: service.store.load(wanted, seen))
