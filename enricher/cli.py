@@ -141,13 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     store = PartitionStore(
         connect(settings), settings.redis_key_prefix, settings.input_topic, IdDeriver(settings.salt)
     )
-    codecs = formats.codecs(
-        settings.input_format,
-        settings.output_format,
-        settings.schema_registry_url,
-        settings.output_topic,
-    )
-    service = Service(settings, build_enricher(settings), store, codecs, metrics)
+    service = Service(settings, build_enricher(settings), store, formats.codecs(settings), metrics)
     http = HttpServer(metrics, service.ready)
     try:
         lookup = SessionLookup(store, service.input_partitions(), settings.session_config())

@@ -43,6 +43,7 @@ class Settings:
     output_topic: str = ""
     dlq_topic: str = ""
     session_events_topic: str = ""
+    session_events_lateness: float = 300.0
     group_id: str = "session-enricher"
     transactional_id: str = ""
     redis_url: str = field(default="", repr=False)
@@ -192,6 +193,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "keep_tracker_entities": _parse_bool,
     "session_api_renew": _parse_bool,
     "state_ttl_days": _non_negative(float),
+    "session_events_lateness": _non_negative(float),
     "state_sweep_interval": _non_negative(float),
     "foreground_timeout": _non_negative(float),
     "background_timeout": _non_negative(float),
@@ -290,7 +292,14 @@ def _check(settings: Settings, require: tuple[str, ...]) -> list[str]:
     registry_needed = "avro-registry" in (settings.input_format, settings.output_format)
     if registry_needed and not settings.schema_registry_url:
         problems.append(f"{ENV_PREFIX}SCHEMA_REGISTRY_URL is required for the avro-registry format")
-    topics = [settings.input_topic, settings.output_topic, settings.dlq_topic]
+    topics = [
+        settings.input_topic,
+        settings.output_topic,
+        settings.dlq_topic,
+        settings.session_events_topic,
+    ]
     if settings.input_topic and settings.input_topic in topics[1:]:
-        problems.append("the input topic must differ from the output and dead-letter topics")
+        problems.append(
+            "the input topic must differ from the output, dead-letter and session events topics"
+        )
     return problems

@@ -3,33 +3,55 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
-from enricher.codecs import avro, tracker
+from enricher.codecs import avro, session_events, tracker
 from enricher.codecs.registry import RegistryClient, RegistryCodec
+from enricher.config import Settings
 from enricher.enrich import Enriched
 from enricher.errors import BadInput
+from enricher.lifecycle import SessionEvent
 
 Decoder = Callable[[bytes], tracker.TrackerEvent]
 Encoder = Callable[[Enriched], bytes]
+SessionEncoder = Callable[[SessionEvent], bytes]
+
+
+class Codecs(NamedTuple):
+    decode: Decoder
+    encode: Encoder
+    encode_session: SessionEncoder
+    """for the session lifecycle topic, in the output's format family"""
 
 
 def _encode_json(enriched: Enriched) -> bytes:
     return tracker.encode(enriched.event, enriched.entities)
 
 
-def codecs(
-    input_format: str, output_format: str, registry_url: str, output_topic: str
-) -> tuple[Decoder, Encoder]:
-    """The decoder for ``input_format`` and the encoder for ``output_format``."""
-    registry = None
-    if "avro-registry" in (input_format, output_format):
-        registry = RegistryCodec(RegistryClient(registry_url), f"{output_topic}-value")
+def codecs(settings: Settings) -> Codecs:
+    """The decoder for the input format and the encoders for the output format."""
     decoders: dict[str, Decoder] = {"json": tracker.decode, "avro": avro.decode}
     encoders: dict[str, Encoder] = {"json": _encode_json, "avro": avro.encode}
-    if registry is not None:
+    session_encoders: dict[str, SessionEncoder] = {
+        "json": session_events.encode_json,
+        "avro": session_events.encode_avro,
+    }
+    if "avro-registry" in (settings.input_format, settings.output_format):
+        registry = RegistryCodec(RegistryClient(settings.schema_registry_url))
+        output = registry.writer(f"{settings.output_topic}-value", avro.ENRICHED_SCHEMA_JSON)
+        sessions = registry.writer(
+            f"{settings.session_events_topic}-value", session_events.SCHEMA_JSON
+        )
         decoders["avro-registry"] = registry.decode
-        encoders["avro-registry"] = registry.encode
-    return decoders[input_format], _checked(encoders[output_format])
+        encoders["avro-registry"] = lambda enriched: output() + avro.encode(enriched)
+        session_encoders["avro-registry"] = lambda event: (
+            sessions() + session_events.encode_avro(event)
+        )
+    return Codecs(
+        decoders[settings.input_format],
+        _checked(encoders[settings.output_format]),
+        session_encoders[settings.output_format],
+    )
 
 
 def _checked(encode: Encoder) -> Encoder:

@@ -34,7 +34,7 @@ class SessionView:
     lastEventTimestamp: str  # noqa: N815
     """the device time of its latest event"""
     expiresAt: str  # noqa: N815
-    """an event later than this starts a new session (by the default timeouts)"""
+    """an event later than this starts a new session"""
     renewPending: bool  # noqa: N815
     """a renew was requested: the next event starts a new session"""
 
@@ -61,8 +61,6 @@ class SessionLookup:
         if record is None:
             return None
         state = record.state
-        timeouts = self.config.timeouts
-        timeout = timeouts.background_ms if state.in_background else timeouts.foreground_ms
         return SessionView(
             userId=state.user_id,
             sessionId=state.session_id,
@@ -76,7 +74,7 @@ class SessionLookup:
             backgroundIndex=state.background_index,
             foregroundIndex=state.foreground_index,
             lastEventTimestamp=iso_millis(state.last_event_ms),
-            expiresAt=iso_millis(state.last_event_ms + timeout),
+            expiresAt=iso_millis(state.expires_ms),
             renewPending=renews > state.renews_applied,
         )
 

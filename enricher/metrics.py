@@ -48,6 +48,23 @@ class Metrics:
         self.sessions_started = Counter(
             "enricher_sessions_started", "Sessions started", ["cause"], registry=r
         )
+        self.sessions_ended = Counter(
+            "enricher_sessions_ended",
+            "Session ends published to the lifecycle topic",
+            ["cause", "detected_by"],
+            registry=r,
+        )
+        self.sessions_reopened = Counter(
+            "enricher_sessions_reopened",
+            "Late events that joined a session already declared ended",
+            registry=r,
+        )
+        self.watermark = Gauge(
+            "enricher_watermark_timestamp_seconds",
+            "Each owned partition's event-time watermark (lifecycle topic)",
+            ["partition"],
+            registry=r,
+        )
         self.events = Counter(
             "enricher_events",
             "Enriched events by the device's lifecycle state",
@@ -125,10 +142,11 @@ class Metrics:
 
     def forget_partitions(self, partitions: list[int]) -> None:
         for partition in partitions:
-            try:
-                self.lag.remove(str(partition))
-            except KeyError:
-                continue
+            for gauge in (self.lag, self.watermark):
+                try:
+                    gauge.remove(str(partition))
+                except KeyError:
+                    continue
 
 
 Route = Callable[[str, str, dict[str, str], bytes], tuple[int, str, bytes]]

@@ -6,9 +6,10 @@ explains why each crash point is safe. In short, per batch:
 1. read the committed state of the batch's devices (cache, else Redis, using each record's
    snapshot when the record was written by a batch that never committed);
 2. enrich in input order and produce the output and dead-letter records inside a Kafka
-   transaction;
+   transaction, and with a session lifecycle topic, the sessions each event started and
+   ended, then the ends of the sessions the partitions' watermarks have passed;
 3. write the new state to Redis, fenced by the partition's epoch, each record carrying the
-   state it started from;
+   state it started from (and each partition's clock, the value it started from);
 4. add the input offsets to the transaction and commit it.
 
 A failure anywhere before 4 completes aborts the transaction and rewinds the consumer to the
@@ -35,13 +36,15 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from enricher import lifecycle
 from enricher.config import Settings
 from enricher.enrich import Enricher
 from enricher.errors import BadInput, Unavailable
-from enricher.formats import Decoder, Encoder
+from enricher.formats import Codecs
+from enricher.lifecycle import SessionEvent
 from enricher.metrics import Metrics
 from enricher.session import SessionState
-from enricher.store import Fenced, PartitionStore
+from enricher.store import ClockQuery, Expiring, Fenced, PartitionStore, PartitionWrite
 
 log = logging.getLogger("enricher.service")
 
@@ -49,6 +52,9 @@ Headers = list[tuple[str, str | bytes | None]]
 DLQ_HEADER_PREFIX = "enricher.error."
 _BACKOFF_START = 0.2
 _BACKOFF_MAX = 10.0
+# At most this many sessions of a partition are checked against its watermark per batch; the
+# rest wait for the next batches.
+EXPIRING_PER_BATCH = 2000
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -173,6 +179,10 @@ class Outcome:
     events_by_state: dict[str, int] = field(default_factory=dict)
     device_times_ms: list[int] = field(default_factory=list)
     kafka_times_ms: list[int] = field(default_factory=list)
+    sessions_ended: dict[tuple[str, str], int] = field(default_factory=dict)
+    """by (cause, detected by)"""
+    sessions_reopened: int = 0
+    watermarks_ms: dict[int, int] = field(default_factory=dict)
 
 
 class Checkpoint:
@@ -191,6 +201,9 @@ class Checkpoint:
         self.offsets: dict[int, dict[str, int]] = {p: {} for p in self.starts}
         self.bases: dict[int, dict[str, SessionState | None]] = {p: {} for p in self.starts}
         self.renews: dict[int, dict[str, int]] = {}
+        self.expiring: dict[int, Expiring] = {}
+        self.rescored: dict[int, dict[str, int]] = {}
+        self.unscored: dict[int, list[str]] = {}
         self.outcome = Outcome(consumed=len(messages))
         self.in_transaction = False
 
@@ -210,6 +223,8 @@ class Checkpoint:
                 service.dead_letter(message, error)
                 reasons = self.outcome.dead_lettered
                 reasons[error.reason] = reasons.get(error.reason, 0) + 1
+        for partition, expiring in self.expiring.items():
+            self.end_expired(partition, expiring)
         self.save_states()
         offsets = [
             TopicPartition(service.settings.input_topic, p, end + 1) for p, end in self.ends.items()
@@ -222,11 +237,16 @@ class Checkpoint:
     def load_states(self, decoded: list[tuple[str, Any] | BadInput]) -> None:
         service = self.service
         missing: dict[int, set[str]] = {}
+        clocks: dict[int, int] = {}
         hits = 0
         for message, item in zip(self.messages, decoded, strict=True):
             if isinstance(item, BadInput):
                 continue
             partition, device = message.partition, item[0]
+            if service.settings.session_events_topic:
+                time_ms = lifecycle.clock_time(item[1].facts.time_ms, message.timestamp_ms)
+                if time_ms > clocks.get(partition, time_ms - 1):
+                    clocks[partition] = time_ms
             known = self.bases[partition]
             if device in known:
                 continue
@@ -241,10 +261,18 @@ class Checkpoint:
         service.metrics.cache.labels(result="miss").inc(sum(map(len, missing.values())))
         wanted = {p: (self.starts[p], devices) for p, devices in missing.items()}
         seen = {p: list(devices) for p, devices in self.bases.items() if devices}
-        loaded, renews = service.redis_call("load", lambda: service.store.load(wanted, seen))
-        for partition, states in loaded.items():
+        queries = {}
+        if service.settings.session_events_topic:
+            lateness = service.lateness_ms
+            queries = {
+                p: ClockQuery(start, clocks.get(p), lateness, EXPIRING_PER_BATCH)
+                for p, start in self.starts.items()
+            }
+        loaded = service.redis_call("load", lambda: service.store.load(wanted, seen, queries))
+        for partition, states in loaded.states.items():
             self.bases[partition].update(states)
-        self.renews = renews
+        self.renews = loaded.renews
+        self.expiring = loaded.expiring
 
     def enrich(self, message: InputRecord, item: tuple[str, Any]) -> None:
         service = self.service
@@ -265,29 +293,90 @@ class Checkpoint:
             timestamp=message.timestamp_ms,
         )
         outcome = self.outcome
+        if service.settings.session_events_topic:
+            for record in lifecycle.on_step(device, state, step, event.facts.time_ms):
+                self.publish(record, message.timestamp_ms)
+            if lifecycle.reopened(state, step):
+                outcome.sessions_reopened += 1
         outcome.produced += 1
         if step.started is not None:
             cause = step.started.value
             outcome.sessions_started[cause] = outcome.sessions_started.get(cause, 0) + 1
-        lifecycle = "background" if step.state.in_background else "foreground"
-        outcome.events_by_state[lifecycle] = outcome.events_by_state.get(lifecycle, 0) + 1
+        visibility = "background" if step.state.in_background else "foreground"
+        outcome.events_by_state[visibility] = outcome.events_by_state.get(visibility, 0) + 1
         outcome.device_times_ms.append(event.facts.time_ms)
         outcome.kafka_times_ms.append(message.timestamp_ms)
+
+    def end_expired(self, partition: int, expiring: Expiring) -> None:
+        """Declare ended the sessions of ``partition`` its watermark has passed: those of the
+        devices of this batch, and those ``expiring`` found among the others."""
+        if expiring.clock_ms is None:
+            return
+        watermark = expiring.clock_ms - self.service.lateness_ms
+        self.outcome.watermarks_ms[partition] = watermark
+        states, bases = self.states[partition], self.bases[partition]
+        for device, state in list(states.items()):
+            if lifecycle.expired(state, watermark):
+                states[device], record = lifecycle.declare_ended(device, state, watermark)
+                self.publish(record)
+        cache = self.service.owned[partition].cache
+        self.unscored[partition] = unscored = []
+        self.rescored[partition] = rescored = {}
+        for device, stored in expiring.states.items():
+            if device in states:
+                continue
+            committed = cache.get(device, stored)
+            if committed is None or committed.ended:
+                unscored.append(device)
+            elif lifecycle.expired(committed, watermark):
+                bases[device] = committed
+                states[device], record = lifecycle.declare_ended(device, committed, watermark)
+                self.offsets[partition][device] = self.ends[partition]
+                self.publish(record)
+            else:
+                rescored[device] = committed.expires_ms
+
+    def publish(self, record: SessionEvent, timestamp_ms: int | None = None) -> None:
+        """Produce one lifecycle record, keyed by its device, in the batch's transaction."""
+        service = self.service
+        service.producer.produce(
+            service.settings.session_events_topic,
+            value=service.codecs.encode_session(record),
+            key=record.device_id.encode(),
+            timestamp=timestamp_ms or 0,
+        )
+        if record.end is not None:
+            key = (record.end.cause.value, record.end.detected_by.value)
+            ended = self.outcome.sessions_ended
+            ended[key] = ended.get(key, 0) + 1
 
     def save_states(self) -> None:
         service = self.service
         codec = service.store.codec
+        lifecycle_on = bool(service.settings.session_events_topic)
         writes = {}
-        for partition, states in self.states.items():
-            if not states:
-                continue
+        for partition in self.starts:
+            states = self.states[partition]
             offsets = self.offsets[partition]
             bases = self.bases[partition]
             records = {
                 device: codec.pack(state, offsets[device], bases[device])
                 for device, state in states.items()
             }
-            writes[partition] = (service.owned[partition].epoch, records)
+            write = PartitionWrite(service.owned[partition].epoch, records)
+            expiring = self.expiring.get(partition)
+            if lifecycle_on and expiring is not None and expiring.clock_ms is not None:
+                scores = dict(self.rescored.get(partition, {}))
+                unscored = list(self.unscored.get(partition, []))
+                for device, state in states.items():
+                    score = _expiry_score(state, bases[device])
+                    if score is None:
+                        unscored.append(device)
+                    else:
+                        scores[device] = score
+                clock = (expiring.clock_ms, self.ends[partition], expiring.committed_ms)
+                write = write._replace(clock=clock, scores=scores, unscored=unscored)
+            writes[partition] = write
         service.redis_call("save", lambda: service.store.save(writes))
 
     def committed(self) -> None:
@@ -301,6 +390,13 @@ class Checkpoint:
         service.record(self.outcome)
 
 
+def _expiry_score(state: SessionState, base: SessionState | None) -> int | None:
+    """A device's score in the expiries: the earliest expiry of a session not declared ended,
+    whether this batch commits (``state``) or not (``base``); None if both are ended."""
+    open_expiries = [s.expires_ms for s in (state, base) if s is not None and not s.ended]
+    return min(open_expiries) if open_expiries else None
+
+
 class Service:
     """A long-running enricher instance: one consumer, one transactional producer."""
 
@@ -309,13 +405,15 @@ class Service:
         settings: Settings,
         enricher: Enricher,
         store: PartitionStore,
-        codecs: tuple[Decoder, Encoder],
+        codecs: Codecs,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.enricher = enricher
         self.store = store
-        self.decode, self.encode = codecs
+        self.codecs = codecs
+        self.decode, self.encode = codecs.decode, codecs.encode
+        self.lateness_ms = round(settings.session_events_lateness * 1000)
         self.metrics = metrics
         self.kafka_timeout = max(10.0, settings.transaction_timeout_ms / 1000)
         self.owned: dict[int, Owned] = {}
@@ -334,7 +432,7 @@ class Service:
             logger=logging.getLogger("enricher.kafka"),
         )
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- running ---------------------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until :meth:`stop`; then leave the group cleanly."""
@@ -494,6 +592,11 @@ class Service:
             m.sessions_started.labels(cause=cause).inc(count)
         for state, count in outcome.events_by_state.items():
             m.events.labels(state=state).inc(count)
+        for (cause, detected_by), count in outcome.sessions_ended.items():
+            m.sessions_ended.labels(cause=cause, detected_by=detected_by).inc(count)
+        m.sessions_reopened.inc(outcome.sessions_reopened)
+        for partition, watermark_ms in outcome.watermarks_ms.items():
+            m.watermark.labels(partition=str(partition)).set(watermark_ms / 1000)
         now_ms = time.time() * 1000
         device_latency = m.latency.labels(clock="device")
         kafka_latency = m.latency.labels(clock="kafka")

@@ -12,6 +12,10 @@ This module is pure: no I/O, no clocks, no randomness. It implements the rules o
    state, counting a transition only when the state really changes;
 4. every event increments ``eventIndex`` and becomes the latest event, except that an event
    older than the latest one joins the current session without moving the clock back.
+
+The state also says when the session expires if nothing else arrives, and whether the
+session lifecycle topic (:mod:`enricher.lifecycle`) has declared it ended: any event clears
+that mark, since an event that joins a session proves it was still going.
 """
 
 from __future__ import annotations
@@ -114,6 +118,15 @@ class SessionState:
     renews_applied: int = 0
     """How many renew requests for the device (a counter kept beside the state) this state
     has honoured; a larger counter means the next event starts a new session."""
+    expires_ms: int = 0
+    """An event later than this starts a new session: the latest event time plus the timeout
+    in force after it (background or foreground, for the latest event's app)."""
+    ended: bool = False
+    """The watermark has passed ``expires_ms`` and the session was declared ended; no event
+    has joined it since."""
+    ends_declared: int = 0
+    """How many times this session has been declared ended (more than once only when late
+    events joined it after an end)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +159,7 @@ class SessionEngine:
         one the state has not honoured yet starts a new session at this event, whatever the
         gap. A request before a device's first event is honoured by session 1.
         """
+        timeouts = self.config.timeouts_for(event.app_id)
         if state is None:
             fresh = SessionState(
                 user_id=self._ids.user_id(device_id),
@@ -161,9 +175,8 @@ class SessionEngine:
                 foreground_index=0,
                 renews_applied=renew_requests,
             )
-            return Step(_apply_event(fresh, event), StartCause.NEW_DEVICE)
+            return Step(_apply_event(fresh, event, timeouts), StartCause.NEW_DEVICE)
 
-        timeouts = self.config.timeouts_for(event.app_id)
         timeout = timeouts.background_ms if state.in_background else timeouts.foreground_ms
         renew = renew_requests > state.renews_applied
         if renew or event.time_ms - state.last_event_ms > timeout:
@@ -188,11 +201,11 @@ class SessionEngine:
                 cause = StartCause.BACKGROUND_TIMEOUT
             else:
                 cause = StartCause.FOREGROUND_TIMEOUT
-            return Step(_apply_event(renewed, event), cause)
-        return Step(_apply_event(state, event), None)
+            return Step(_apply_event(renewed, event, timeouts), cause)
+        return Step(_apply_event(state, event, timeouts), None)
 
 
-def _apply_event(state: SessionState, event: EventFacts) -> SessionState:
+def _apply_event(state: SessionState, event: EventFacts, timeouts: Timeouts) -> SessionState:
     """Rules 3 and 4: flip the lifecycle state, count the event, move the clock forward."""
     in_background = state.in_background
     background_index = state.background_index
@@ -203,6 +216,8 @@ def _apply_event(state: SessionState, event: EventFacts) -> SessionState:
     elif event.lifecycle is Lifecycle.FOREGROUND and in_background:
         in_background = False
         foreground_index += 1
+    last_event_ms = max(state.last_event_ms, event.time_ms)
+    timeout = timeouts.background_ms if in_background else timeouts.foreground_ms
     return SessionState(
         user_id=state.user_id,
         session_id=state.session_id,
@@ -211,9 +226,11 @@ def _apply_event(state: SessionState, event: EventFacts) -> SessionState:
         event_index=state.event_index + 1,
         first_event_id=state.first_event_id,
         first_event_ms=state.first_event_ms,
-        last_event_ms=max(state.last_event_ms, event.time_ms),
+        last_event_ms=last_event_ms,
         in_background=in_background,
         background_index=background_index,
         foreground_index=foreground_index,
         renews_applied=state.renews_applied,
+        expires_ms=last_event_ms + timeout,
+        ends_declared=state.ends_declared,
     )

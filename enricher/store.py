@@ -3,21 +3,28 @@
 Layout, per input partition (one Redis Cluster slot each, through the hash tag):
 
 * ``<prefix>{<topic>:<partition>}:devices`` - a hash: device id -> packed record;
-* ``<prefix>{<topic>:<partition>}:meta`` - a hash holding ``epoch``, the partition's fence.
+* ``<prefix>{<topic>:<partition>}:meta`` - a hash holding ``epoch``, the partition's fence,
+  and the partition's event-time clock for the session lifecycle topic;
+* ``<prefix>{<topic>:<partition>}:renews`` - a hash: device id -> renew requests;
+* ``<prefix>{<topic>:<partition>}:expiries`` - a sorted set of devices whose session may not
+  be declared ended yet, scored no later than its expiry (lifecycle topic only).
 
 A record holds the device's state, the input offset of the last event applied to it, and the
 state before the batch that wrote it (the snapshot). A record whose offset is at or past the
 offset a batch starts from was written by a batch that never committed in Kafka (a crash, an
 abort, a zombie), so the snapshot is the state to start from instead. The write script checks
 the partition's epoch, bumped by every new owner, so a zombie cannot write at all once the
-partition has moved. ``docs/exactly-once.md`` walks through every crash point.
+partition has moved. The clock is kept the same way (its value, the offset of the batch that
+wrote it, and the value before that batch), and an expiry score is never later than the
+expiry of either the state or the snapshot of its device, so a replay finds every session it
+must end. ``docs/exactly-once.md`` walks through every crash point.
 """
 
 from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,51 +37,138 @@ from enricher.session import SessionState
 
 RedisClient = redis.Redis | redis.cluster.RedisCluster
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 NO_OFFSET = -1  # written by file mode: not tied to a stream position, always committed
 _LATEST = 2**63 - 1  # a batch start past every offset: take each record's latest state
 
 _HEADER = struct.Struct("<BBq")  # version, flags, offset
 # flags, session index, event index, background index, foreground index, renews applied,
-# first event time, last event time (last: the sweep script reads it at a fixed position)
-_STATE = struct.Struct("<BIIIIIqq")
+# ends declared, first event time, expiry, last event time (last: the sweep script reads it at
+# a fixed position)
+_STATE = struct.Struct("<BIIIIIIqqq")
 _HAS_SNAPSHOT = 1
 _IN_BACKGROUND = 1
 _HAS_PREVIOUS = 2
 _TEXT_EVENT_ID = 4
+_ENDED = 8
 
-# Fenced batch write: KEYS = devices hash, meta hash; ARGV = epoch, field, value, ...
-_WRITE_SCRIPT = """
+# Every script takes KEYS = devices hash, meta hash, expiries sorted set.
+_FENCE = """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if epoch ~= ARGV[1] then
   return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
 end
-for i = 2, #ARGV, 1000 do
-  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+"""
+
+# Fenced batch write. ARGV = epoch, clock, clock offset, clock before (clock '': leave it;
+# clock before '': none), number of records, number of scores, then device, record, ...,
+# then score, device, ..., then devices to drop from the expiries.
+_WRITE_SCRIPT = (
+    _FENCE
+    + """
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], 'clock', ARGV[2], 'clock_offset', ARGV[3])
+  if ARGV[4] == '' then
+    redis.call('HDEL', KEYS[2], 'clock_before')
+  else
+    redis.call('HSET', KEYS[2], 'clock_before', ARGV[4])
+  end
 end
-return (#ARGV - 1) / 2
+local records_end = 6 + 2 * tonumber(ARGV[5])
+local scores_end = records_end + 2 * tonumber(ARGV[6])
+for i = 7, records_end, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, records_end)))
+end
+for i = records_end + 1, scores_end, 1000 do
+  redis.call('ZADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, scores_end)))
+end
+for i = scores_end + 1, #ARGV, 1000 do
+  redis.call('ZREM', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+return tonumber(ARGV[5])
+"""
+)
+
+# The committed clock, the clock advanced by a batch, and the devices that may have expired
+# by its watermark, with their records. ARGV = batch start offset, the batch's own clock (''
+# if it has none), lateness, most devices to return. Returns {committed clock or false,
+# clock or false, devices, records}.
+_EXPIRING_SCRIPT = """
+local meta = redis.call('HMGET', KEYS[2], 'clock', 'clock_offset', 'clock_before')
+local clock, at, before = meta[1], meta[2], meta[3]
+if clock and tonumber(at) >= tonumber(ARGV[1]) then clock = before end
+local newest, batch = tonumber(clock), tonumber(ARGV[2])
+if batch and (not newest or batch > newest) then newest = batch end
+if not newest then return {false, false, {}, {}} end
+local watermark = string.format('%.0f', newest - tonumber(ARGV[3]))
+local devices = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. watermark, 'LIMIT', 0, ARGV[4])
+local records = {}
+if #devices > 0 then records = redis.call('HMGET', KEYS[1], unpack(devices)) end
+return {clock or false, string.format('%.0f', newest), devices, records}
 """
 
 
-# Expiry of quiet devices, a slice at a time: KEYS = devices hash, meta hash; ARGV = epoch,
-# HSCAN cursor, cutoff (epoch ms), slice size, 1-based position of the last event time in a
-# record. Returns {next cursor, deleted}.
-_SWEEP_SCRIPT = """
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if epoch ~= ARGV[1] then
-  return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
-end
+# Expiry of quiet devices, a slice at a time. ARGV = epoch, HSCAN cursor, cutoff (epoch ms),
+# slice size, 1-based position of the last event time in a record. Returns {next cursor,
+# deleted}.
+_SWEEP_SCRIPT = (
+    _FENCE
+    + """
 local scan = redis.call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[4])
 local items, deleted, cutoff, at = scan[2], 0, tonumber(ARGV[3]), tonumber(ARGV[5])
 for i = 1, #items, 2 do
   if struct.unpack('<i8', items[i + 1], at) < cutoff then
     redis.call('HDEL', KEYS[1], items[i])
+    redis.call('ZREM', KEYS[3], items[i])
     deleted = deleted + 1
   end
 end
 return {scan[1], deleted}
 """
+)
 _LAST_EVENT_AT = _HEADER.size + _STATE.size - 8 + 1
+
+
+class ClockQuery(NamedTuple):
+    """What a batch asks of a partition's clock (see :meth:`PartitionStore.load`)."""
+
+    start: int
+    """the batch's first offset in the partition"""
+    batch_clock_ms: int | None
+    """the latest clock time among the batch's events there (None: no event)"""
+    lateness_ms: int
+    limit: int
+    """the most devices to return"""
+
+
+class Expiring(NamedTuple):
+    """A partition's clock before and after a batch, and devices that may have expired."""
+
+    committed_ms: int | None
+    """the committed clock (None: the partition has none yet)"""
+    clock_ms: int | None
+    """the committed clock advanced by the batch's events (None: the partition has none)"""
+    states: dict[str, SessionState | None]
+    """each device's committed state (None: none)"""
+
+
+class Loaded(NamedTuple):
+    states: dict[int, dict[str, SessionState]]
+    renews: dict[int, dict[str, int]]
+    expiring: dict[int, Expiring]
+
+
+class PartitionWrite(NamedTuple):
+    """One batch's writes to one partition, fenced by ``epoch``."""
+
+    epoch: int
+    records: Mapping[str, bytes]
+    clock: tuple[int, int, int | None] | None = None
+    """(clock, offset of the batch's last event, committed clock before the batch)"""
+    scores: Mapping[str, int] = {}
+    """device -> expiry score to set"""
+    unscored: Sequence[str] = ()
+    """devices to drop from the expiries"""
 
 
 class Fenced(RuntimeError):
@@ -115,11 +209,18 @@ class PartitionKeys(NamedTuple):
     """``epoch``: the fence"""
     renews: str
     """device id -> how many renews were requested for it (only ever incremented)"""
+    expiries: str
+    """device -> no later than its session's expiry, while its end may not be declared yet"""
+
+
+def keys_of(keys: PartitionKeys) -> tuple[str, str, str]:
+    """The keys every script takes, in order."""
+    return keys.devices, keys.meta, keys.expiries
 
 
 def partition_keys(prefix: str, topic: str, partition: int) -> PartitionKeys:
     tag = f"{prefix}{{{topic}:{partition}}}"
-    return PartitionKeys(f"{tag}:devices", f"{tag}:meta", f"{tag}:renews")
+    return PartitionKeys(f"{tag}:devices", f"{tag}:meta", f"{tag}:renews", f"{tag}:expiries")
 
 
 class RecordCodec:
@@ -152,9 +253,18 @@ class RecordCodec:
         return Record(state, offset, snapshot)
 
     def _unpack_state(self, device_id: str, data: bytes, start: int) -> tuple[SessionState, int]:
-        flags, index, events, background, foreground, renews, first_ms, last_ms = (
-            _STATE.unpack_from(data, start)
-        )
+        (
+            flags,
+            index,
+            events,
+            background,
+            foreground,
+            renews,
+            ends,
+            first_ms,
+            expires_ms,
+            last_ms,
+        ) = _STATE.unpack_from(data, start)
         at = start + _STATE.size
         if flags & _TEXT_EVENT_ID:
             size = data[at]
@@ -180,12 +290,15 @@ class RecordCodec:
             background_index=background,
             foreground_index=foreground,
             renews_applied=renews,
+            expires_ms=expires_ms,
+            ended=bool(flags & _ENDED),
+            ends_declared=ends,
         )
         return state, at
 
 
 def _pack_state(state: SessionState) -> bytes:
-    flags = _IN_BACKGROUND if state.in_background else 0
+    flags = (_IN_BACKGROUND if state.in_background else 0) | (_ENDED if state.ended else 0)
     event_id = state.first_event_id
     canonical = str(uuid.UUID(event_id)) == event_id
     if not canonical:
@@ -200,7 +313,9 @@ def _pack_state(state: SessionState) -> bytes:
             state.background_index,
             state.foreground_index,
             state.renews_applied,
+            state.ends_declared,
             state.first_event_ms,
+            state.expires_ms,
             state.last_event_ms,
         )
     ]
@@ -241,31 +356,56 @@ class PartitionStore:
         self,
         wanted: Mapping[int, tuple[int, Iterable[str]]],
         renews_of: Mapping[int, Iterable[str]] | None = None,
-    ) -> tuple[dict[int, dict[str, SessionState]], dict[int, dict[str, int]]]:
-        """Committed state of devices, ``{partition: (batch start offset, devices)}``, and the
-        renew requests of ``{partition: devices}``, in one round trip per Redis node."""
+        clocks: Mapping[int, ClockQuery] | None = None,
+    ) -> Loaded:
+        """In one round trip per Redis node: the committed state of devices,
+        ``{partition: (batch start offset, devices)}``; the renew requests of
+        ``{partition: devices}``; and for the lifecycle topic, each queried partition's clock
+        and the devices that may have expired by its watermark."""
         requests = [(p, start, list(devices)) for p, (start, devices) in wanted.items() if devices]
         renews = [(p, list(devices)) for p, devices in (renews_of or {}).items() if devices]
+        queries = list((clocks or {}).items())
         pipe = self.client.pipeline(transaction=False)
         for partition, _, devices in requests:
             pipe.hmget(self.keys(partition).devices, devices)
         for partition, devices in renews:
             pipe.hmget(self.keys(partition).renews, devices)
-        replies = pipe.execute()
+        for partition, query in queries:
+            keys = self.keys(partition)
+            batch_clock = "" if query.batch_clock_ms is None else query.batch_clock_ms
+            args = (query.start, batch_clock, query.lateness_ms, query.limit)
+            pipe.execute_command("EVAL", _EXPIRING_SCRIPT, 3, *keys_of(keys), *args)
+        replies = iter(pipe.execute())
         states: dict[int, dict[str, SessionState]] = {p: {} for p in wanted}
-        state_replies, renew_replies = replies[: len(requests)], replies[len(requests) :]
-        for (partition, start, devices), values in zip(requests, state_replies, strict=True):
+        for partition, start, devices in requests:
             found = states[partition]
-            for device, data in zip(devices, values, strict=True):
+            for device, data in zip(devices, next(replies), strict=True):
                 if data is None:
                     continue
                 state = self.codec.unpack(device, data).state_before(start)
                 if state is not None:
                     found[device] = state
         counts: dict[int, dict[str, int]] = {p: {} for p in renews_of or {}}
-        for (partition, devices), values in zip(renews, renew_replies, strict=True):
-            counts[partition] = {d: int(v) for d, v in zip(devices, values, strict=True) if v}
-        return states, counts
+        for partition, devices in renews:
+            counts[partition] = {
+                d: int(v) for d, v in zip(devices, next(replies), strict=True) if v
+            }
+        expiring: dict[int, Expiring] = {}
+        for partition, query in queries:
+            committed, clock, devices, records = next(replies)
+            found_states: dict[str, SessionState | None] = {}
+            for raw, data in zip(devices, records, strict=True):
+                device = raw.decode()
+                if data is None:
+                    found_states[device] = None
+                else:
+                    found_states[device] = self.codec.unpack(device, data).state_before(query.start)
+            expiring[partition] = Expiring(
+                None if committed is None else int(committed),
+                None if clock is None else int(clock),
+                found_states,
+            )
+        return Loaded(states, counts, expiring)
 
     def request_renew(self, partition: int, device: str) -> int:
         """Ask for a new session at the device's next event; returns the request count."""
@@ -287,8 +427,7 @@ class PartitionStore:
         moved on (the scripts of the others have run)."""
         pipe = self.client.pipeline(transaction=False)
         for partition, (script, args) in calls.items():
-            keys = self.keys(partition)
-            pipe.execute_command("EVAL", script, 2, keys.devices, keys.meta, *args)
+            pipe.execute_command("EVAL", script, 3, *keys_of(self.keys(partition)), *args)
         replies: dict[int, Any] = {}
         fenced = []
         for partition, reply in zip(calls, pipe.execute(raise_on_error=False), strict=True):
@@ -302,15 +441,23 @@ class PartitionStore:
             raise Fenced(fenced)
         return replies
 
-    def save(self, writes: Mapping[int, tuple[int, Mapping[str, bytes]]]) -> None:
-        """Write packed records, ``{partition: (epoch, {device: record})}``, fenced."""
+    def save(self, writes: Mapping[int, PartitionWrite]) -> None:
+        """One batch's writes, fenced by each partition's epoch."""
         calls: dict[int, tuple[str, list[Any]]] = {}
-        for partition, (epoch, records) in writes.items():
-            if records:
-                args: list[Any] = [epoch]
-                for device, data in records.items():
-                    args += (device, data)
-                calls[partition] = (_WRITE_SCRIPT, args)
+        for partition, write in writes.items():
+            if not (write.records or write.clock or write.scores or write.unscored):
+                continue
+            clock: list[Any] = ["", "", ""]
+            if write.clock is not None:
+                value, offset, before = write.clock
+                clock = [value, offset, "" if before is None else before]
+            args: list[Any] = [write.epoch, *clock, len(write.records), len(write.scores)]
+            for device, data in write.records.items():
+                args += (device, data)
+            for device, score in write.scores.items():
+                args += (score, device)
+            args += write.unscored
+            calls[partition] = (_WRITE_SCRIPT, args)
         self._fenced_scripts(calls)
 
     def sweep(
@@ -379,7 +526,7 @@ class BatchRedisStore:
         for device in devices:
             by_partition.setdefault(self._partition(device), []).append(device)
         wanted = {p: (_LATEST, ds) for p, ds in by_partition.items()}
-        loaded, _ = self.store.load(wanted)
+        loaded = self.store.load(wanted).states
         return {d: s for states in loaded.values() for d, s in states.items()}
 
     def save(self, states: dict[str, SessionState]) -> None:

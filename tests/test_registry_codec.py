@@ -14,7 +14,9 @@ import fastavro
 import pytest
 from support import START_MS, event_id, tracker_event
 
-from enricher.codecs import avro, registry, tracker
+from enricher import formats, lifecycle
+from enricher.codecs import avro, registry, session_events, tracker
+from enricher.config import Settings
 from enricher.enrich import Enricher
 from enricher.errors import BadInput, Unavailable
 from enricher.session import SessionConfig, SessionEngine
@@ -91,7 +93,7 @@ def test_raw_events_are_read_through_schema_resolution(server: tuple[Registry, s
     body = avro.write_record(
         {"payload": tracker_event(EID, START_MS), "extra": 7}, fastavro.parse_schema(evolved)
     )
-    codec = registry.RegistryCodec(registry.RegistryClient(url), "out-value")
+    codec = registry.RegistryCodec(registry.RegistryClient(url))
     event = codec.decode(b"\0" + schema_id.to_bytes(4, "big") + body)
     assert event.fields == tracker_event(EID, START_MS)
     codec.decode(b"\0" + schema_id.to_bytes(4, "big") + body)
@@ -100,12 +102,20 @@ def test_raw_events_are_read_through_schema_resolution(server: tuple[Registry, s
     assert fetches[0][2]["Authorization"] == "Basic dXNlcjpzZWNyZXQ="
 
 
-def test_enriched_events_carry_the_registered_id(server: tuple[Registry, str]) -> None:
+def test_enriched_and_session_events_carry_their_registered_ids(
+    server: tuple[Registry, str],
+) -> None:
     state, url = server
-    codec = registry.RegistryCodec(registry.RegistryClient(url), "out-value")
+    settings = Settings(
+        output_topic="out",
+        session_events_topic="sessions",
+        output_format="avro-registry",
+        schema_registry_url=url,
+    )
+    codecs = formats.codecs(settings)
     enricher = Enricher(SessionEngine(SessionConfig(salt="s")))
-    _, enriched = enricher.enrich("d", None, tracker.from_fields(tracker_event(EID, START_MS)))
-    first, second = codec.encode(enriched), codec.encode(enriched)
+    step, enriched = enricher.enrich("d", None, tracker.from_fields(tracker_event(EID, START_MS)))
+    first, second = codecs.encode(enriched), codecs.encode(enriched)
     schema_id = state.subjects["out-value"]
     assert json.loads(state.schemas[schema_id]) == avro.ENRICHED_SCHEMA_JSON
     assert first == second
@@ -114,10 +124,17 @@ def test_enriched_events_carry_the_registered_id(server: tuple[Registry, str]) -
     assert record["client_session"]["firstEventId"] == EID
     assert sum(r[0] == "POST" for r in state.requests) == 1
 
+    session = codecs.encode_session(lifecycle.started("d", step))
+    session_id = state.subjects["sessions-value"]
+    assert json.loads(state.schemas[session_id]) == session_events.SCHEMA_JSON
+    assert session[:5] == b"\0" + session_id.to_bytes(4, "big")
+    assert session_events.decode_avro(session[5:])["first_event_id"] == EID
+    assert sum(r[0] == "POST" for r in state.requests) == 2
+
 
 def test_bad_wire_format_is_bad_input(server: tuple[Registry, str]) -> None:
     _, url = server
-    codec = registry.RegistryCodec(registry.RegistryClient(url), "out-value")
+    codec = registry.RegistryCodec(registry.RegistryClient(url))
     with pytest.raises(BadInput) as unknown:
         codec.decode(registry.encode_raw(99, tracker_event(EID, START_MS)))
     assert unknown.value.reason == "unknown_schema_id"
@@ -130,9 +147,9 @@ def test_bad_wire_format_is_bad_input(server: tuple[Registry, str]) -> None:
 def test_an_unreachable_registry_is_not_bad_input(server: tuple[Registry, str]) -> None:
     state, url = server
     state.down = True
-    codec = registry.RegistryCodec(registry.RegistryClient(url), "out-value")
+    codec = registry.RegistryCodec(registry.RegistryClient(url))
     with pytest.raises(Unavailable):
         codec.decode(registry.encode_raw(1, tracker_event(EID, START_MS)))
-    closed = registry.RegistryCodec(registry.RegistryClient("http://127.0.0.1:9/"), "out-value")
+    closed = registry.RegistryCodec(registry.RegistryClient("http://127.0.0.1:9/"))
     with pytest.raises(Unavailable):
         closed.decode(registry.encode_raw(1, tracker_event(EID, START_MS)))

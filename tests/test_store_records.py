@@ -35,6 +35,10 @@ def states(draw: st.DrawFn, device: str = "device-1") -> SessionState:
         in_background=draw(st.booleans()),
         background_index=draw(COUNTER),
         foreground_index=draw(COUNTER),
+        renews_applied=draw(COUNTER),
+        expires_ms=draw(TIME_MS),
+        ended=draw(st.booleans()),
+        ends_declared=draw(COUNTER),
     )
 
 
@@ -75,8 +79,8 @@ def test_a_typical_record_is_compact() -> None:
         background_index=1,
         foreground_index=1,
     )
-    # A 10-byte header and two states (now and before the batch) of 37 + 2 x 16 bytes.
-    assert len(RecordCodec(IDS).pack(state, 41, state)) == 10 + 2 * (37 + 32)
+    # A 10-byte header and two states (now and before the batch) of 49 + 2 x 16 bytes.
+    assert len(RecordCodec(IDS).pack(state, 41, state)) == 10 + 2 * (49 + 32)
 
 
 def test_murmur2_matches_the_java_client() -> None:

@@ -2,8 +2,9 @@
 
 Talks to any Confluent-compatible Schema Registry over its REST API with the standard library:
 ``GET /schemas/ids/{id}`` to read a writer schema, ``POST /subjects/{subject}/versions`` to
-register the enriched schema. Writer schemas are cached by id, and raw events are read through
-schema resolution into ``raw_event.avsc``, so producers may evolve their schema compatibly.
+register the schemas the enricher writes. Writer schemas are cached by id, and raw events are
+read through schema resolution into ``raw_event.avsc``, so producers may evolve their schema
+compatibly.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import base64
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fastavro
 
 from enricher.codecs import avro, tracker
-from enricher.enrich import Enriched
 from enricher.errors import BadInput, Unavailable
 
 MAGIC = 0
@@ -75,13 +76,11 @@ class RegistryClient:
 
 
 class RegistryCodec:
-    """Decodes raw events and encodes enriched ones in the Confluent wire format."""
+    """Decodes raw events, and heads Avro bodies with the id of their registered schema."""
 
-    def __init__(self, client: RegistryClient, output_subject: str) -> None:
+    def __init__(self, client: RegistryClient) -> None:
         self.client = client
-        self.output_subject = output_subject
         self._writers: dict[int, Any] = {}
-        self._output_header: bytes | None = None
 
     def decode(self, data: bytes) -> tracker.TrackerEvent:
         if len(data) < _HEADER_SIZE or data[0] != MAGIC:
@@ -103,15 +102,18 @@ class RegistryCodec:
             self._writers[schema_id] = writer
         return writer
 
-    def header(self) -> bytes:
-        """Magic byte and the enriched schema's id, registered on first use."""
-        if self._output_header is None:
-            schema_id = self.client.register(self.output_subject, avro.ENRICHED_SCHEMA_JSON)
-            self._output_header = bytes([MAGIC]) + schema_id.to_bytes(4, "big")
-        return self._output_header
+    def writer(self, subject: str, schema: dict[str, Any]) -> Callable[[], bytes]:
+        """The wire-format header (magic byte, schema id) for ``schema`` under ``subject``,
+        registered on first use."""
+        header: list[bytes] = []
 
-    def encode(self, enriched: Enriched) -> bytes:
-        return self.header() + avro.encode(enriched)
+        def get() -> bytes:
+            if not header:
+                schema_id = self.client.register(subject, schema)
+                header.append(bytes([MAGIC]) + schema_id.to_bytes(4, "big"))
+            return header[0]
+
+        return get
 
 
 def encode_raw(schema_id: int, fields: dict[str, str]) -> bytes:

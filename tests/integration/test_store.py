@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,15 @@ from enricher.codecs import tracker
 from enricher.config import Settings
 from enricher.ids import IdDeriver
 from enricher.session import SessionState
-from enricher.store import BatchRedisStore, Fenced, PartitionStore, kafka_partition
+from enricher.store import (
+    BatchRedisStore,
+    ClockQuery,
+    Expiring,
+    Fenced,
+    PartitionStore,
+    PartitionWrite,
+    kafka_partition,
+)
 
 pytestmark = pytest.mark.integration
 IDS = IdDeriver("salt")
@@ -51,23 +60,25 @@ def test_a_new_owner_fences_out_the_old_one(store: PartitionStore) -> None:
     assert new[0] == old[0] + 1
     record = store.codec.pack(state("d", 1, 1000), 10, None)
     with pytest.raises(Fenced) as fenced:
-        store.save({0: (old[0], {"d": record}), 1: (old[1], {"d": record})})
+        store.save(
+            {0: PartitionWrite(old[0], {"d": record}), 1: PartitionWrite(old[1], {"d": record})}
+        )
     assert fenced.value.partitions == [0]
-    assert store.load({0: (0, ["d"])})[0] == {0: {}}
-    assert store.load({1: (11, ["d"])})[0] == {1: {"d": state("d", 1, 1000)}}
-    store.save({0: (new[0], {"d": record})})
-    assert store.load({0: (11, ["d"])})[0] == {0: {"d": state("d", 1, 1000)}}
+    assert store.load({0: (0, ["d"])}).states == {0: {}}
+    assert store.load({1: (11, ["d"])}).states == {1: {"d": state("d", 1, 1000)}}
+    store.save({0: PartitionWrite(new[0], {"d": record})})
+    assert store.load({0: (11, ["d"])}).states == {0: {"d": state("d", 1, 1000)}}
 
 
 def test_a_replayed_batch_starts_from_the_snapshot(store: PartitionStore) -> None:
     epoch = store.fence([3])[3]
     before, after = state("d", 1, 1000), state("d", 2, 9000)
-    store.save({3: (epoch, {"d": store.codec.pack(after, 57, before)})})
-    assert store.load({3: (50, ["d"])})[0][3] == {"d": before}
-    assert store.load({3: (57, ["d"])})[0][3] == {"d": before}
-    assert store.load({3: (58, ["d"])})[0][3] == {"d": after}
-    store.save({3: (epoch, {"new": store.codec.pack(after, 60, None)})})
-    assert store.load({3: (60, ["new"])})[0][3] == {}
+    store.save({3: PartitionWrite(epoch, {"d": store.codec.pack(after, 57, before)})})
+    assert store.load({3: (50, ["d"])}).states[3] == {"d": before}
+    assert store.load({3: (57, ["d"])}).states[3] == {"d": before}
+    assert store.load({3: (58, ["d"])}).states[3] == {"d": after}
+    store.save({3: PartitionWrite(epoch, {"new": store.codec.pack(after, 60, None)})})
+    assert store.load({3: (60, ["new"])}).states[3] == {}
 
 
 def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
@@ -80,7 +91,7 @@ def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
     records |= {
         f"new-{i}": store.codec.pack(state(f"new-{i}", 1, now_ms), 1, None) for i in range(300)
     }
-    store.save({2: (epoch, records)})
+    store.save({2: PartitionWrite(epoch, records)})
     cursor, deleted = 0, 0
     for _ in range(100):
         result = store.sweep({2: (epoch, cursor)}, now_ms - 86_400_000, 200)
@@ -89,7 +100,7 @@ def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
         if cursor == 0:
             break
     assert deleted == 700
-    remaining = store.load({2: (2, list(records))})[0][2]
+    remaining = store.load({2: (2, list(records))}).states[2]
     assert sorted(remaining) == sorted(f"new-{i}" for i in range(300))
     with pytest.raises(Fenced):
         store.sweep({2: (epoch - 1, 0)}, now_ms, 10)
@@ -123,7 +134,7 @@ def test_file_mode_finds_devices_where_the_service_keeps_them(stack: Stack) -> N
     batch_store.save({d: state(d, 4, 5000) for d in devices})
     service_view = PartitionStore(stack.redis(), prefix, topics.input, IDS)
     for device, partition in seen.items():
-        assert service_view.load({partition: (0, [device])})[0][partition] == {
+        assert service_view.load({partition: (0, [device])}).states[partition] == {
             device: state(device, 4, 5000)
         }
 
@@ -159,10 +170,44 @@ def test_renew_requests_are_counted_beside_the_state(store: PartitionStore) -> N
     assert store.request_renew(4, "d") == 1
     assert store.request_renew(4, "d") == 2
     epoch = store.fence([4])[4]
-    store.save({4: (epoch, {"d": store.codec.pack(state("d", 2, 7000), 9, None)})})
+    store.save({4: PartitionWrite(epoch, {"d": store.codec.pack(state("d", 2, 7000), 9, None)})})
     record, renews = store.latest(4, "d")
     assert record is not None
     assert (record.state, renews) == (state("d", 2, 7000), 2)
-    states, counts = store.load({4: (10, ["d"])}, {4: ["d", "other"]})
+    states, counts, _ = store.load({4: (10, ["d"])}, {4: ["d", "other"]})
     assert states == {4: {"d": state("d", 2, 7000)}}
     assert counts == {4: {"d": 2}}
+
+
+def test_the_clock_and_the_expiries_follow_the_snapshot_rule(store: PartitionStore) -> None:
+    epoch = store.fence([5])[5]
+    a = replace(state("a", 1, 1000), expires_ms=5000)
+    b = replace(state("b", 1, 2000), expires_ms=20_000)
+
+    def expiring(start: int, batch_clock: int | None, limit: int = 10) -> Expiring:
+        query = ClockQuery(start, batch_clock, lateness_ms=1000, limit=limit)
+        return store.load({}, None, {5: query}).expiring[5]
+
+    assert expiring(0, None) == Expiring(None, None, {})
+    assert expiring(0, 10_000) == Expiring(None, 10_000, {})
+    records = {"a": store.codec.pack(a, 3, None), "b": store.codec.pack(b, 2, None)}
+    scores = {"a": a.expires_ms, "b": b.expires_ms}
+    store.save({5: PartitionWrite(epoch, records, (10_000, 3, None), scores)})
+    # Replaying the batch that wrote offsets up to 3: neither its clock nor its states count.
+    assert expiring(0, 10_000) == Expiring(None, 10_000, {"a": None})
+    assert expiring(0, None) == Expiring(None, None, {})
+    # The next batch: the clock only moves forward; the watermark is the clock minus lateness.
+    assert expiring(4, 8_000) == Expiring(10_000, 10_000, {"a": a})
+    assert expiring(4, 21_000) == Expiring(10_000, 21_000, {"a": a})
+    assert expiring(4, 22_000) == Expiring(10_000, 22_000, {"a": a, "b": b})
+    assert expiring(4, 22_000, limit=1) == Expiring(10_000, 22_000, {"a": a})
+
+    ended = replace(a, ended=True, ends_declared=1)
+    write = PartitionWrite(
+        epoch, {"a": store.codec.pack(ended, 9, a)}, (22_000, 9, 10_000), {}, ["b"]
+    )
+    store.save({5: write})
+    assert expiring(5, None) == Expiring(10_000, 10_000, {"a": a})
+    assert expiring(10, None) == Expiring(22_000, 22_000, {"a": ended})
+    with pytest.raises(Fenced):
+        store.save({5: write._replace(epoch=epoch - 1)})
