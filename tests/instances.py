@@ -48,6 +48,8 @@ SALT = "integration-test-salt"
 # Short timeouts make sessions renew a lot within the generated traffic.
 FOREGROUND_TIMEOUT = 60.0
 BACKGROUND_TIMEOUT = 15.0
+# The session lifecycle topic's allowed lateness (event time).
+LATENESS = 30.0
 # Bounds for a clean SIGTERM: the service's own deadline, then slack for the interpreter.
 SHUTDOWN_TIMEOUT = 15.0
 STOP_SLACK = 15.0
@@ -638,6 +640,7 @@ def service_env(stack: Stack, topics: TopicSet, **extra: str) -> dict[str, str]:
         "ENRICHER_SALT": SALT,
         "ENRICHER_FOREGROUND_TIMEOUT": str(FOREGROUND_TIMEOUT),
         "ENRICHER_BACKGROUND_TIMEOUT": str(BACKGROUND_TIMEOUT),
+        "ENRICHER_SESSION_EVENTS_LATENESS": str(LATENESS),
         "ENRICHER_METRICS_HOST": "127.0.0.1",
         "ENRICHER_METRICS_PORT": "0",
         "ENRICHER_LOG_FORMAT": "json",

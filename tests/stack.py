@@ -72,6 +72,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes | None], ...]
+    timestamp_ms: int
 
 
 def _record(message: Message) -> Record:
@@ -84,6 +85,7 @@ def _record(message: Message) -> Record:
         key=_as_bytes(message.key()),
         value=_as_bytes(message.value()),
         headers=tuple((k, _as_bytes(v)) for k, v in pairs),
+        timestamp_ms=message.timestamp()[1],
     )
 
 

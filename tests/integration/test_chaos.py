@@ -28,6 +28,7 @@ from instances import (
     traffic,
     wait_for,
 )
+from reconcile import reconcile
 from stack import Stack, TopicSet
 
 pytest_plugins = ["instances"]
@@ -96,6 +97,7 @@ def test_sigkilled_instances_lose_and_duplicate_nothing(
     output, dead = read_all(stack, topics)
     assert not dead, f"{len(dead)} dead letters, e.g. {dead[:2]}"
     check_output(output, reference.result(), sent)
+    reconcile(stack, topics, output)
 
 
 def test_scaling_out_and_in_mid_stream(stack: Stack, fleet: Fleet, tmp_path: Path) -> None:
@@ -143,6 +145,7 @@ def test_scaling_out_and_in_mid_stream(stack: Stack, fleet: Fleet, tmp_path: Pat
     output, dead = read_all(stack, topics)
     assert not dead, f"{len(dead)} dead letters, e.g. {dead[:2]}"
     check_output(output, reference.result(), sent)
+    reconcile(stack, topics, output)
 
 
 ZOMBIE_SIGNS = ("fenced", "batch aborted", "abort failed", "lost partitions")
@@ -232,3 +235,4 @@ def test_paused_zombie_cannot_corrupt_state(stack: Stack, fleet: Fleet, tmp_path
     output, dead = read_all(stack, topics)
     assert not dead, f"{len(dead)} dead letters, e.g. {dead[:2]}"
     check_output(output, reference.result(), sent)
+    reconcile(stack, topics, output)

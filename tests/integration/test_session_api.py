@@ -9,10 +9,13 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from instances import (
+    BACKGROUND_TIMEOUT,
+    FOREGROUND_TIMEOUT,
     REPO,
     Fleet,
     Instance,
@@ -24,6 +27,7 @@ from instances import (
     service_env,
     traffic,
 )
+from reconcile import reconcile
 from stack import Stack
 
 from enricher.generate import device_id
@@ -34,6 +38,10 @@ pytestmark = pytest.mark.integration
 EVENTS = 2_000
 DEVICES = 100
 TOKEN = "renew-token-for-the-tests"
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
 
 
 def call(
@@ -90,6 +98,9 @@ def test_getters_agree_with_the_last_entity_and_renew_starts_one_new_session(
         assert status == 200, view
         assert {k: view[k] for k in shared} == entity, device
         assert view["renewPending"] is False
+        timeout = BACKGROUND_TIMEOUT if view["isInBackground"] else FOREGROUND_TIMEOUT
+        expires = parse_iso(view["lastEventTimestamp"]) + timedelta(seconds=timeout)
+        assert parse_iso(view["expiresAt"]) == expires, view
     assert call(instance, "GET", "/v1/devices/nobody/session")[0] == 404
 
     device = device_id(0)
@@ -131,6 +142,7 @@ def test_getters_agree_with_the_last_entity_and_renew_starts_one_new_session(
     status, view = call(instance, "GET", f"/v1/devices/{device}/session")
     assert (view["sessionIndex"], view["renewPending"]) == (tail[1]["sessionIndex"], False)
     assert instance.metric("enricher_sessions_started_total", 'cause="renew"') == 1
+    reconcile(stack, topics, output, renewed={device})
     progress.close()
 
 

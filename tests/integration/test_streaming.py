@@ -19,6 +19,7 @@ from instances import (
     service_env,
     traffic,
 )
+from reconcile import reconcile
 from stack import Stack
 
 pytest_plugins = ["instances"]
@@ -62,6 +63,9 @@ def test_one_instance_publishes_every_event_once_equal_to_batch(
     assert not dead, f"{len(dead)} dead letters, e.g. {dead[:2]}"
     assert sum(1 for s in sent if s.headers) > EVENTS // 10
     check_output(output, reference.result(), sent)
+    summary = reconcile(stack, topics, output)
+    assert summary.ended["next_event"] > 1000, summary
+    assert summary.ended["watermark"] > 100, summary
 
 
 def test_restarted_instance_continues_the_sessions(
@@ -96,6 +100,7 @@ def test_restarted_instance_continues_the_sessions(
     assert not dead, f"{len(dead)} dead letters, e.g. {dead[:2]}"
     expected = reference.result()
     check_output(output, expected, sent)
+    reconcile(stack, topics, output)
 
     # The check is only meaningful if sessions do span the restart between the halves.
     first_half = {event["eid"] for _, event in items[:half]}
