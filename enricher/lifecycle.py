@@ -10,7 +10,10 @@ two ways:
   one device with its clock in the future cannot end everybody's sessions). The partition's
   *watermark* is its clock minus the allowed lateness. Once the watermark passes a session's
   expiry (``SessionState.expires_ms``), any event of that device at or after the watermark
-  would start a new session, and the session is declared ended.
+  would start a new session, and the session is declared ended. (With per-app timeouts the
+  expiry uses the timeouts of the app of the device's latest event; a device whose events
+  switch between apps with different timeouts can have an end declared that its next event,
+  under the other app's timeout, reopens.)
 
 An event behind the watermark is *late*. A late event that still belongs to a session declared
 ended (the tracker would have put it there: the rules are the contract) joins it as usual and
@@ -33,7 +36,8 @@ class Kind(enum.Enum):
 
 class EndCause(enum.Enum):
     """Why a session ended: it timed out (in the foreground or the background), or a renew
-    request started the next one before it timed out."""
+    request started the next one before it timed out. The same as the next session's
+    :class:`~enricher.session.StartCause` when its event found the end."""
 
     FOREGROUND_TIMEOUT = "foreground_timeout"
     BACKGROUND_TIMEOUT = "background_timeout"
@@ -140,17 +144,14 @@ def timeout_cause(state: SessionState) -> EndCause:
     return EndCause.FOREGROUND_TIMEOUT
 
 
-def on_step(
-    device_id: str, before: SessionState | None, step: Step, time_ms: int
-) -> list[SessionEvent]:
+def on_step(device_id: str, before: SessionState | None, step: Step) -> list[SessionEvent]:
     """The records one event produces: the end of the session it closed, if that end was not
     declared already, and the start of the session it opened."""
     if step.started is None:
         return []
     records = []
     if before is not None and not before.ended:
-        # A renew ends a session only if it had not timed out already.
-        cause = EndCause.RENEW if time_ms <= before.expires_ms else timeout_cause(before)
+        cause = EndCause(step.started.value)  # not NEW_DEVICE: there was a session before
         records.append(ended(device_id, before, cause, next_session_id=step.state.session_id))
     records.append(started(device_id, step))
     return records

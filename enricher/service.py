@@ -294,7 +294,7 @@ class Checkpoint:
         )
         outcome = self.outcome
         if service.settings.session_events_topic:
-            for record in lifecycle.on_step(device, state, step, event.facts.time_ms):
+            for record in lifecycle.on_step(device, state, step):
                 self.publish(record, message.timestamp_ms)
             if lifecycle.reopened(state, step):
                 outcome.sessions_reopened += 1

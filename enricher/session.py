@@ -178,8 +178,9 @@ class SessionEngine:
             return Step(_apply_event(fresh, event, timeouts), StartCause.NEW_DEVICE)
 
         timeout = timeouts.background_ms if state.in_background else timeouts.foreground_ms
+        timed_out = event.time_ms - state.last_event_ms > timeout
         renew = renew_requests > state.renews_applied
-        if renew or event.time_ms - state.last_event_ms > timeout:
+        if renew or timed_out:
             index = state.session_index + 1
             renewed = SessionState(
                 user_id=state.user_id,
@@ -195,7 +196,9 @@ class SessionEngine:
                 foreground_index=0,
                 renews_applied=max(renew_requests, state.renews_applied),
             )
-            if renew:
+            # A pending renew is honoured either way; the cause is the timeout if the session
+            # had timed out already.
+            if not timed_out:
                 cause = StartCause.RENEW
             elif state.in_background:
                 cause = StartCause.BACKGROUND_TIMEOUT

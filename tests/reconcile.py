@@ -16,7 +16,7 @@ and ``session_ended`` record must match them:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,11 +114,9 @@ def check_session_events(
     *,
     timeouts_s: tuple[float, float],
     lateness_s: float,
-    renewed: Collection[str] = (),
     decode: Callable[[bytes], dict[str, Any]] = session_events.decode_json,
 ) -> Summary:
-    """Raise AssertionError listing every mismatch. ``renewed``: the devices a renew was
-    requested for, whose sessions may start by renew even after a timeout."""
+    """Raise AssertionError listing every mismatch."""
     timeouts_ms = (round(timeouts_s[0] * 1000), round(timeouts_s[1] * 1000))
     by_device = sessions_in(output)
     sessions = {s.session_id: s for device in by_device.values() for s in device}
@@ -147,9 +145,7 @@ def check_session_events(
 
     summary = Summary(sessions=len(sessions), started=len(started))
     for session in sessions.values():
-        problems += _check_start(
-            session, started.get(session.session_id), session.device in renewed, timeouts_ms
-        )
+        problems += _check_start(session, started.get(session.session_id), timeouts_ms)
         revisions = ends.get(session.session_id, {})
         if sorted(revisions) != list(range(len(revisions))):
             problems.append(f"{session.session_id}: revisions {sorted(revisions)}")
@@ -178,17 +174,18 @@ def check_session_events(
 
 
 def _check_start(
-    session: Session, record: dict[str, Any] | None, renewed: bool, timeouts_ms: tuple[int, int]
+    session: Session, record: dict[str, Any] | None, timeouts_ms: tuple[int, int]
 ) -> list[str]:
     if record is None:
         return [f"{session.session_id} ({session.device} #{session.index}) has no start"]
+    # A session starts before the previous one timed out only by a renew request.
     prior = session.prior
     if prior is None:
-        causes = {"new_device"}
+        cause = "new_device"
     elif session.first_event_ms <= prior.expiry(timeouts_ms):
-        causes = {"renew"}
+        cause = "renew"
     else:
-        causes = {"renew", _timeout(prior)} if renewed else {_timeout(prior)}
+        cause = _timeout(prior)
     expected = {
         "device_id": session.device,
         "user_id": session.user_id,
@@ -202,8 +199,8 @@ def _check_start(
     problems = []
     if got != expected:
         problems.append(f"{session.session_id} started:\n  got      {got}\n  expected {expected}")
-    if record["start_cause"] not in causes:
-        problems.append(f"{session.session_id}: start cause {record['start_cause']}, not {causes}")
+    if record["start_cause"] != cause:
+        problems.append(f"{session.session_id}: start cause {record['start_cause']}, not {cause}")
     return problems
 
 
@@ -243,9 +240,7 @@ def _check_end(
     return problems
 
 
-def reconcile(
-    stack: Stack, topics: TopicSet, output: Sequence[Record], renewed: Collection[str] = ()
-) -> Summary:
+def reconcile(stack: Stack, topics: TopicSet, output: Sequence[Record]) -> Summary:
     """Read the lifecycle topic of instances started with ``service_env`` and reconcile it
     with their ``output``."""
     records = stack.read_committed([topics.sessions], timeout=120)
@@ -254,7 +249,6 @@ def reconcile(
         records,
         timeouts_s=(FOREGROUND_TIMEOUT, BACKGROUND_TIMEOUT),
         lateness_s=LATENESS,
-        renewed=renewed,
     )
     print(f"session lifecycle reconciled: {summary}")
     return summary

@@ -220,3 +220,24 @@ def test_required_settings() -> None:
         "ENRICHER_BOOTSTRAP_SERVERS is required",
         "ENRICHER_INPUT_TOPIC is required",
     ]
+
+
+def test_session_events_settings() -> None:
+    settings = config.load(
+        env={
+            "ENRICHER_SESSION_EVENTS_TOPIC": "sessions",
+            "ENRICHER_SESSION_EVENTS_LATENESS": "45.5",
+        }
+    )
+    assert (settings.session_events_topic, settings.session_events_lateness) == ("sessions", 45.5)
+    assert config.load(env={}).session_events_lateness == 300
+    error = load_error(
+        {
+            "ENRICHER_INPUT_TOPIC": "raw",
+            "ENRICHER_SESSION_EVENTS_TOPIC": "raw",
+            "ENRICHER_SESSION_EVENTS_LATENESS": "-1",
+        }
+    )
+    assert len(error.problems) == 2
+    assert "ENRICHER_SESSION_EVENTS_LATENESS: must not be negative" in error.problems[0]
+    assert "session events" in error.problems[1]

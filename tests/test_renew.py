@@ -55,9 +55,10 @@ def test_a_request_before_the_first_event_is_honoured_by_session_one() -> None:
     assert [cause for _, cause in steps] == [StartCause.NEW_DEVICE, None]
 
 
-def test_a_renew_that_coincides_with_a_timeout_counts_as_the_renew() -> None:
+def test_a_renew_that_coincides_with_a_timeout_is_honoured_and_the_cause_is_the_timeout() -> None:
     steps = run([(event(1, 0, Lifecycle.BACKGROUND), 0), (event(2, 100, Lifecycle.FOREGROUND), 1)])
     renewed, cause = steps[-1]
-    assert cause is StartCause.RENEW
+    assert cause is StartCause.BACKGROUND_TIMEOUT
     assert (renewed.session_index, renewed.foreground_index, renewed.in_background) == (2, 1, False)
+    assert renewed.renews_applied == 1
     assert run([(event(1, 0), 0), (event(2, 100), 0)])[-1][1] is StartCause.FOREGROUND_TIMEOUT

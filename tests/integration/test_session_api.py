@@ -142,7 +142,7 @@ def test_getters_agree_with_the_last_entity_and_renew_starts_one_new_session(
     status, view = call(instance, "GET", f"/v1/devices/{device}/session")
     assert (view["sessionIndex"], view["renewPending"]) == (tail[1]["sessionIndex"], False)
     assert instance.metric("enricher_sessions_started_total", 'cause="renew"') == 1
-    reconcile(stack, topics, output, renewed={device})
+    reconcile(stack, topics, output)
     progress.close()
 
 
