@@ -18,6 +18,7 @@ from support import (
     CONTEXTS,
     FOREGROUND,
     REPO,
+    SCREEN,
     SCREEN_ENTITY,
     SCREEN_VIEW,
     START_MS,
@@ -524,3 +525,62 @@ def test_base64_helper_matches_tracker_alphabet() -> None:
     assert b64url(b"\xfb\xff") == "-_8"
     assert base64.b64decode("+/8=") == b"\xfb\xff"
     assert b64url_decode(b64url("é?>~")) == "é?>~"
+
+
+# --- orjson where it is exact, the standard library elsewhere ------------------------------------
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(st.characters(codec=None), max_size=6)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def stdlib_encode(fields: Fields, entities: list[Json]) -> bytes:
+    """What the codec wrote when it used the standard library's json alone."""
+    envelope = json.loads(fields["co"])
+    ours = {tracker.schema_family(e["schema"]) for e in entities}
+    kept = [c for c in envelope["data"] if tracker.schema_family(c.get("schema")) not in ours]
+    out = dict(fields)
+    out["co"] = json.dumps(
+        {"schema": CONTEXTS, "data": kept + entities}, separators=(",", ":"), ensure_ascii=False
+    )
+    text = json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")
+
+
+@PROPERTIES
+@given(
+    st.lists(st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4), max_size=3),
+    st.booleans(),
+    st.sampled_from(("screen_view", "struct", "background")),
+)
+def test_events_are_read_and_written_exactly_as_the_standard_library_does(
+    datas: list[Json], ascii_only: bool, kind: Kind
+) -> None:
+    contexts = [{"schema": SCREEN, "data": data} for data in datas]
+    co = json.dumps({"schema": CONTEXTS, "data": contexts}, ensure_ascii=ascii_only)
+    fields = {**tracker_event(EID, START_MS, kind), "co": co}
+    raw = json.dumps(fields, ensure_ascii=ascii_only).encode("utf-8", "backslashreplace")
+    try:
+        fields = json.loads(raw)
+        event = tracker.decode(raw)
+    except BadInput as error:
+        # Only a lone surrogate written as UTF-8 into a field itself is refused.
+        assert not ascii_only and error.reason == "not_json", error
+        return
+    assert event.fields == fields
+    assert tracker.encode(event, [OUR_ENTITY]) == stdlib_encode(fields, [OUR_ENTITY])
+    assert tracker.dump(fields) == json.dumps(
+        fields, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8", "backslashreplace")

@@ -4,6 +4,12 @@ Decoding validates everything the enricher relies on, once, and raises
 :class:`~enricher.errors.BadInput` for anything else. Encoding keeps every input field as it
 was and puts the enricher's entities into the event's contexts, in the encoding the input
 used (``co`` stays JSON, ``cx`` stays base64url, none becomes ``co``).
+
+JSON goes through orjson where it reads and writes exactly what the standard library does,
+only faster, and through the standard library everywhere else: what orjson refuses (lone
+surrogates, ``NaN``), and nested JSON (contexts, self-describing events) that may hold a
+float or an integer beyond 64 bits (orjson would read the integer as a float, and writes
+floats differently).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from enricher.entities import (
     BACKGROUND_EVENT_SCHEMA,
     CONTEXTS_SCHEMA,
@@ -27,6 +35,9 @@ from enricher.session import EventFacts, Lifecycle
 
 ContextsField = Literal["co", "cx"]
 
+# A JSON number with a fraction or an exponent, or of 19 digits or more, is in the text (or
+# the inside of a string merely looks so: then the standard library reads it, never wrongly).
+_INEXACT_NUMBER = re.compile(r"[:\[,]\s*-?[0-9]+(?:[.eE]|[0-9]{18})")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant ISO-8601 can write
 _TIMESTAMP_FIELDS = ("dtm", "ttm", "stm")
@@ -44,15 +55,22 @@ class TrackerEvent:
     facts: EventFacts
     contexts: list[SelfDescribing]
     contexts_field: ContextsField | None
+    exact_contexts: bool = True
+    """the contexts hold no float and no integer beyond 64 bits: orjson writes them as the
+    standard library does"""
 
 
 def decode(data: bytes) -> TrackerEvent:
     """Decode one tracker-protocol event from JSON bytes."""
     try:
+        return from_fields(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        pass
+    try:
         value = json.loads(data)
     except (ValueError, RecursionError) as error:  # also: too deep, too many integer digits
         raise BadInput("not_json", str(error)) from None
-    if b"\\u" in data and isinstance(value, dict):
+    if isinstance(value, dict):
         for name, text in value.items():
             if isinstance(text, str) and not _is_unicode(text):
                 raise BadInput("not_json", f"field {name!r} holds a lone surrogate (not Unicode)")
@@ -86,16 +104,17 @@ def from_fields(value: object) -> TrackerEvent:
 
     contexts_field: ContextsField | None = None
     contexts: list[SelfDescribing] = []
-    if "co" in fields:
-        contexts_field = "co"
-        contexts = _contexts(_json_field(fields, "co", "invalid_contexts"))
-    elif "cx" in fields:
-        contexts_field = "cx"
-        contexts = _contexts(_json_field(fields, "cx", "invalid_contexts"))
+    exact = True
+    if "co" in fields or "cx" in fields:
+        contexts_field = "co" if "co" in fields else "cx"
+        value, exact = _json_field(fields, contexts_field, "invalid_contexts")
+        contexts = _contexts(value)
 
     lifecycle: Lifecycle | None = None
     if "ue_pr" in fields or "ue_px" in fields:
-        unstruct = _json_field(fields, "ue_pr" if "ue_pr" in fields else "ue_px", "invalid_ue")
+        unstruct, _ = _json_field(
+            fields, "ue_pr" if "ue_pr" in fields else "ue_px", "invalid_ue", exact=False
+        )
         inner = unstruct.get("data") if isinstance(unstruct, dict) else None
         if not isinstance(inner, dict) or not isinstance(inner.get("schema"), str):
             raise BadInput("invalid_ue", "self-describing event has no data.schema")
@@ -108,7 +127,7 @@ def from_fields(value: object) -> TrackerEvent:
         lifecycle=lifecycle,
         app_id=fields.get("aid"),
     )
-    return TrackerEvent(fields, facts, contexts, contexts_field)
+    return TrackerEvent(fields, facts, contexts, contexts_field, exact)
 
 
 def encode(event: TrackerEvent, entities: list[SelfDescribing]) -> bytes:
@@ -120,9 +139,8 @@ def with_entities(event: TrackerEvent, entities: list[SelfDescribing]) -> dict[s
     """The event's fields with ``entities`` added to its contexts, in the input's encoding."""
     if not entities:
         return event.fields
-    payload = _compact(
-        {"schema": CONTEXTS_SCHEMA, "data": merge_entities(event.contexts, entities)}
-    )
+    envelope = {"schema": CONTEXTS_SCHEMA, "data": merge_entities(event.contexts, entities)}
+    payload = orjson.dumps(envelope).decode() if event.exact_contexts else _compact(envelope)
     out = dict(event.fields)
     if event.contexts_field == "cx":
         out["cx"] = base64.urlsafe_b64encode(_utf8(payload)).decode().rstrip("=")
@@ -141,8 +159,11 @@ def merge_entities(
 
 
 def dump(fields: Mapping[str, Any]) -> bytes:
-    """Compact, deterministic JSON bytes."""
-    return _utf8(_compact(fields))
+    """Compact, deterministic JSON bytes of a flat object of strings."""
+    try:
+        return orjson.dumps(fields)
+    except orjson.JSONEncodeError:  # a lone surrogate
+        return _utf8(_compact(fields))
 
 
 def _compact(value: object) -> str:
@@ -161,13 +182,25 @@ def schema_family(schema: object) -> str:
 
 
 def _json_field(
-    fields: dict[str, str], name: str, reason: Literal["invalid_contexts", "invalid_ue"]
-) -> Any:
+    fields: dict[str, str],
+    name: str,
+    reason: Literal["invalid_contexts", "invalid_ue"],
+    *,
+    exact: bool = True,
+) -> tuple[Any, bool]:
+    """The JSON in a field, and whether orjson read it (see the module's docstring); with
+    ``exact`` false (the value is only inspected, never written again), orjson reads numbers
+    too."""
     raw = fields[name]
     if name.endswith("x"):
         raw = _base64url(raw, name)
+    if not (exact and _INEXACT_NUMBER.search(raw)):
+        try:
+            return orjson.loads(raw), True
+        except orjson.JSONDecodeError:
+            pass
     try:
-        return json.loads(raw)
+        return json.loads(raw), False
     except (ValueError, RecursionError) as error:  # also: too deep, too many integer digits
         raise BadInput(reason, f"'{name}' is not valid JSON: {error}") from None
 
