@@ -1,10 +1,10 @@
 """``python -m bench``: the whole benchmark, from ``ops/devstack up`` to the results files.
 
-Order: stack up, preload the input, then per run the passthrough, ``enricher run`` and
-``enricher batch`` in turn (interleaved, so that a change in the machine's load hits every
-mode alike), then one latency run per streaming mode at half of its median rate, then the
-Redis memory per device. Whatever happens, every process it started is stopped and the stack
-is taken down.
+Order: stack up, preload the input, then per run the passthrough, ``enricher run``, ``enricher
+run`` with the session lifecycle topic and ``enricher batch`` in turn (interleaved, so that a
+change in the machine's load hits every mode alike), then one latency run per streaming mode
+at half of its median rate (the lifecycle variant has none), then the Redis memory per device.
+Whatever happens, every process it started is stopped and the stack is taken down.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bench import measure, report, stack, workload
 from bench.children import Children
 from bench.common import REPO, BenchError, say
 from bench.machine import describe
-from bench.results import Batch, Results, Streaming, StreamRun, Window
+from bench.results import Batch, Results, Streaming, StreamRun, Throughput, Window
 from enricher import generate
 from enricher.config import Settings
 
@@ -149,11 +149,13 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
 
     passthrough: list[StreamRun] = []
     enricher: list[StreamRun] = []
+    sessions: list[StreamRun] = []
     batch: list[Window] = []
     summary = ""
     for index in range(1, plan.runs + 1):
         passthrough.append(measure.throughput_run(lab, "passthrough", index))
         enricher.append(measure.throughput_run(lab, "enricher", index))
+        sessions.append(measure.throughput_run(lab, "sessions", index))
         window, summary = measure.batch_run(lab, source, index)
         batch.append(window)
     source.unlink()
@@ -182,9 +184,10 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         plan=plan.describe(),
         machine=machine,
         passthrough=Streaming(
-            passthrough, latencies["passthrough"], plan.events, preloaded.devices
+            passthrough, plan.events, preloaded.devices, latencies["passthrough"]
         ),
-        enricher=Streaming(enricher, latencies["enricher"], plan.events, preloaded.devices),
+        enricher=Streaming(enricher, plan.events, preloaded.devices, latencies["enricher"]),
+        sessions=Throughput(sessions, plan.events, preloaded.devices),
         batch=Batch(batch, summary),
         memory=memory,
     )

@@ -27,7 +27,9 @@ DRAIN_SECONDS = 60.0
 STREAMING_ARGV = {
     "passthrough": [sys.executable, "-m", "bench.passthrough"],
     "enricher": [sys.executable, "-m", "enricher", "run"],
+    "sessions": [sys.executable, "-m", "enricher", "run"],
 }
+"""``sessions``: ``enricher run`` publishing the session lifecycle topic too"""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class Lab:
             "ENRICHER_METRICS_PORT": "0",
             "ENRICHER_SHUTDOWN_TIMEOUT": "10",
         }
+        if mode == "sessions":
+            env["ENRICHER_SESSION_EVENTS_TOPIC"] = sessions_topic(target)
         return self.children.start(name, STREAMING_ARGV[mode], env)
 
     def run_batch(self, name: str, source: Path, *extra: str) -> tuple[Window, str]:
@@ -108,12 +112,17 @@ def between(first: Sample, last: Sample) -> Window:
     )
 
 
+def sessions_topic(target: str) -> str:
+    return f"{target}.sessions"
+
+
 def throughput_run(lab: Lab, mode: str, index: int) -> StreamRun:
     """``mode`` consumes the preloaded input with a new group into a new output topic, with
     a freshly emptied Redis; the window runs from the first commit seen to the last."""
     name = f"bench-{mode}-{index}"
     target = f"bench.{mode}-{index}.out"
-    lab.kafka.create_topics([target])
+    topics = [target, sessions_topic(target)] if mode == "sessions" else [target]
+    lab.kafka.create_topics(topics)
     lab.redis.reset()
     memory_before = lab.redis.used_memory()
     child = lab.start_streaming(mode, name, INPUT_TOPIC, target)
@@ -123,7 +132,7 @@ def throughput_run(lab: Lab, mode: str, index: int) -> StreamRun:
     finally:
         child.stop()
     redis = redis_use(lab.redis, memory_before)
-    lab.kafka.delete_topics([target])
+    lab.kafka.delete_topics(topics)
     window = measured_window(samples, f"{mode} run {index}")
     say(
         f"{mode} run {index}: {window.rate:,.0f} events/s,"

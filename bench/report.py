@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import say
-from bench.results import Batch, Latency, Results, Streaming, milliseconds
+from bench.results import Batch, Latency, Results, Streaming, Throughput, milliseconds
 
 UNSUPPORTED = "not supported"
 
@@ -33,6 +33,7 @@ def _runs(rates: list[float]) -> str:
 def markdown(results: Results) -> str:
     plan, machine = results.plan, results.machine
     passthrough, enricher, batch = results.passthrough, results.enricher, results.batch
+    sessions = results.sessions
     rows = [
         [
             "passthrough: decode, encode, produce, transactions; no state",
@@ -49,6 +50,16 @@ def markdown(results: Results) -> str:
             *_latency_cells(enricher.latency),
             f"{enricher.cpu_per_1k:.3f}",
             f"{enricher.commands_per_event:.4f} / {enricher.latency.commands_per_event:.4f}",
+        ],
+        [
+            "enricher, exactly-once, with the session lifecycle topic",
+            _rate(sessions.rate),
+            f"{results.ratio(sessions.rate):.2f}",
+            "not measured",
+            "not measured",
+            "",
+            f"{sessions.cpu_per_1k:.3f}",
+            f"{sessions.commands_per_event:.4f} / not measured",
         ],
         ["enricher, at-least-once", UNSUPPORTED, *[""] * 6],
         [
@@ -102,6 +113,7 @@ def markdown(results: Results) -> str:
         "",
         f"Runs, events/s: passthrough {_runs([r.window.rate for r in passthrough.runs])};"
         f" enricher {_runs([r.window.rate for r in enricher.runs])};"
+        f" with the lifecycle topic {_runs([r.window.rate for r in sessions.runs])};"
         f" batch {_runs([w.rate for w in batch.runs])}.",
         "CPU s / 1k events counts the process alone; with the Kafka broker and Redis on the"
         f" same machine: passthrough {passthrough.stack_cpu_per_1k:.3f},"
@@ -124,7 +136,8 @@ def markdown(results: Results) -> str:
         f"Redis memory per device: {memory.per_device:.0f} B (`enricher batch --redis-url`,"
         f" {memory.devices:,} devices, one event each); after an `enricher run`, whose records"
         f" also carry a snapshot: {enricher.memory_per_device:.0f} B"
-        f" ({enricher.devices:,} devices).",
+        f" ({enricher.devices:,} devices); with the lifecycle topic, which adds the expiries"
+        f" sorted set: {sessions.memory_per_device:.0f} B.",
         f"Batch mode: {batch.summary}.",
         "",
         "## Targets",
@@ -136,11 +149,21 @@ def markdown(results: Results) -> str:
 
 
 def _streaming_json(mode: Streaming) -> dict[str, Any]:
+    half_load = {
+        "redis_commands_per_event_at_half_load": mode.latency.commands_per_event,
+        "redis_commands_sent_per_event_at_half_load": mode.latency.sent_per_event,
+    }
+    return {
+        **_throughput_json(mode),
+        **(half_load if mode.commands_per_event else {}),
+        "latency": dataclasses.asdict(mode.latency),
+    }
+
+
+def _throughput_json(mode: Throughput) -> dict[str, Any]:
     redis = {
         "redis_commands_per_event": mode.commands_per_event,
         "redis_commands_sent_per_event": mode.sent_per_event,
-        "redis_commands_per_event_at_half_load": mode.latency.commands_per_event,
-        "redis_commands_sent_per_event_at_half_load": mode.latency.sent_per_event,
         "redis_memory_bytes_per_device": mode.memory_per_device,
     }
     return {
@@ -159,7 +182,6 @@ def _streaming_json(mode: Streaming) -> dict[str, Any]:
             }
             for run in mode.runs
         ],
-        "latency": dataclasses.asdict(mode.latency),
     }
 
 
@@ -182,6 +204,10 @@ def as_json(results: Results) -> dict[str, Any]:
             "enricher_exactly_once": {
                 **_streaming_json(results.enricher),
                 "ratio_to_passthrough": results.ratio(results.enricher.rate),
+            },
+            "enricher_exactly_once_with_session_events": {
+                **_throughput_json(results.sessions),
+                "ratio_to_passthrough": results.ratio(results.sessions.rate),
             },
             "enricher_at_least_once": UNSUPPORTED,
             "batch": {
@@ -246,14 +272,21 @@ def chart(results: Results, path: Path) -> bool:
 
 def _throughput(axes: Any, results: Results) -> None:
     passthrough, enricher, batch = results.passthrough, results.enricher, results.batch
-    names = ["passthrough", "enricher\nexactly-once", "batch mode\n(one core)"]
-    medians = [passthrough.rate, enricher.rate, batch.rate]
+    sessions = results.sessions
+    names = [
+        "passthrough",
+        "enricher\nexactly-once",
+        "enricher +\nlifecycle topic",
+        "batch mode\n(one core)",
+    ]
+    medians = [passthrough.rate, enricher.rate, sessions.rate, batch.rate]
     runs = [
         [r.window.rate for r in passthrough.runs],
         [r.window.rate for r in enricher.runs],
+        [r.window.rate for r in sessions.runs],
         [w.rate for w in batch.runs],
     ]
-    bars = axes.bar(names, medians, color=["#9e9e9e", "#1f77b4", "#2ca02c"])
+    bars = axes.bar(names, medians, color=["#9e9e9e", "#1f77b4", "#6baed6", "#2ca02c"])
     axes.bar_label(bars, labels=[f"{m:,.0f}/s" for m in medians], padding=3)
     for position, rates in enumerate(runs):
         axes.scatter([position] * len(rates), rates, color="black", s=12, zorder=3)

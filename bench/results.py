@@ -7,8 +7,10 @@ import statistics
 from dataclasses import dataclass
 
 # The service sends these only from inside its Lua scripts (enricher/store.py): the fenced
-# write runs HGET and HSET, the sweep HSCAN and HDEL. Everything else it sends itself.
-SCRIPT_COMMANDS = frozenset({"hget", "hset", "hscan", "hdel"})
+# write runs HGET, HSET, HDEL, ZADD and ZREM, the sweep HSCAN, HDEL and ZREM, the expiring
+# sessions' lookup ZRANGEBYSCORE (and HMGET, which the service also sends itself: counted as
+# sent). Everything else it sends itself.
+SCRIPT_COMMANDS = frozenset({"hget", "hset", "hscan", "hdel", "zadd", "zrem", "zrangebyscore"})
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,10 @@ class Latency:
 
 
 @dataclass(frozen=True)
-class Streaming:
-    """A streaming mode: throughput runs on the preloaded input, then one latency run."""
+class Throughput:
+    """A streaming mode's throughput runs on the preloaded input."""
 
     runs: list[StreamRun]
-    latency: Latency
     events: int
     devices: int
 
@@ -159,6 +160,13 @@ class Streaming:
     @property
     def memory_per_device(self) -> float:
         return statistics.median(r.redis.memory_bytes / self.devices for r in self.runs)
+
+
+@dataclass(frozen=True)
+class Streaming(Throughput):
+    """A streaming mode: throughput runs, then one latency run."""
+
+    latency: Latency
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,8 @@ class Results:
     machine: dict[str, object]
     passthrough: Streaming
     enricher: Streaming
+    sessions: Throughput
+    """``enricher run`` with the session lifecycle topic"""
     batch: Batch
     memory: Memory
 
