@@ -353,7 +353,6 @@ class Checkpoint:
     def save_states(self) -> None:
         service = self.service
         codec = service.store.codec
-        lifecycle_on = bool(service.settings.session_events_topic)
         writes = {}
         for partition in self.starts:
             states = self.states[partition]
@@ -364,8 +363,8 @@ class Checkpoint:
                 for device, state in states.items()
             }
             write = PartitionWrite(service.owned[partition].epoch, records)
-            expiring = self.expiring.get(partition)
-            if lifecycle_on and expiring is not None and expiring.clock_ms is not None:
+            expiring = self.expiring.get(partition)  # only with the lifecycle topic
+            if expiring is not None and expiring.clock_ms is not None:
                 scores = dict(self.rescored.get(partition, {}))
                 unscored = list(self.unscored.get(partition, []))
                 for device, state in states.items():
