@@ -3,7 +3,9 @@
 Devices follow a skewed (Zipf-like) activity distribution. Each visit is a foreground burst
 of screen views and structured events, often ended by a Background event and followed by a
 Foreground event when the user returns; the pauses between visits are drawn around the
-session timeouts, so sessions both continue and expire. Output is deterministic for a seed.
+session timeouts, so sessions both continue and expire. Events come out in the order a
+collector would receive them: by event time, except that a few visits were made offline and
+arrive minutes to hours late (in order for their device). Output is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from enricher.entities import (
 SCREEN_VIEW_SCHEMA = "iglu:com.snowplowanalytics.mobile/screen_view/jsonschema/1-0-0"
 SCREENS = ("home", "search", "product", "cart", "checkout", "profile", "settings", "feed")
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+OFFLINE_VISITS = 0.03  # the share of visits delivered late
+OFFLINE_DELAY_MS = (300_000, 3 * 3_600_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,8 @@ class _Device:
         self.time_ms = START_MS + rng.randrange(0, 3_600_000)
         self.in_background = False
         self.burst = rng.randint(1, 12)
+        self.delay_ms = 0
+        self.arrival_ms = 0
 
     def _pause_ms(self) -> int:
         """A pause between visits, around the timeout that will apply to it."""
@@ -77,6 +83,21 @@ class _Device:
             return rng.randrange(1, max(2, timeout_ms))
         return timeout_ms + rng.randrange(1, 24 * 3_600_000)
 
+    def _new_visit(self) -> None:
+        rng = self.rng
+        self.burst = rng.randint(1, 12)
+        offline = rng.random() < OFFLINE_VISITS
+        self.delay_ms = rng.randrange(*OFFLINE_DELAY_MS) if offline else 0
+
+    def next_delivery(self) -> tuple[int, dict[str, str]]:
+        """The device's next event and when the collector receives it: its time, or later
+        for a visit made offline; never before the device's previous event arrived."""
+        event = self.next_event()
+        self.arrival_ms = max(self.arrival_ms, self.time_ms + self.delay_ms)
+        if self.delay_ms:
+            event["stm"] = str(self.arrival_ms)
+        return self.arrival_ms, event
+
     def next_event(self) -> dict[str, str]:
         rng = self.rng
         fields: dict[str, str]
@@ -84,7 +105,7 @@ class _Device:
             if self.in_background:
                 self.time_ms += self._pause_ms()
                 self.in_background = False
-                self.burst = rng.randint(1, 12)
+                self._new_visit()
                 fields = {"e": "ue", "ue_pr": _unstruct(FOREGROUND_EVENT_SCHEMA, {})}
             elif rng.random() < 0.7:
                 self.time_ms += rng.randrange(100, 5_000)
@@ -92,7 +113,7 @@ class _Device:
                 fields = {"e": "ue", "ue_pr": _unstruct(BACKGROUND_EVENT_SCHEMA, {})}
             else:
                 self.time_ms += self._pause_ms()
-                self.burst = rng.randint(1, 12)
+                self._new_visit()
                 return self.next_event()
         else:
             self.burst -= 1
@@ -117,7 +138,7 @@ class _Device:
 
 
 def events(traffic: Traffic) -> Iterator[tuple[str, dict[str, str]]]:
-    """``(device id, tracker event)`` pairs in device-time order across devices."""
+    """``(device id, tracker event)`` pairs in the order a collector receives them."""
     rng = random.Random(traffic.seed)
     weights = [1.0 / (rank + 1) ** 0.7 for rank in range(traffic.devices)]
     # Each device gets a share of the events proportional to its weight; the most active
@@ -129,18 +150,21 @@ def events(traffic: Traffic) -> Iterator[tuple[str, dict[str, str]]]:
     devices = [
         _Device(traffic, i, random.Random(rng.getrandbits(64))) for i in range(traffic.devices)
     ]
-    heap = [(d.time_ms, i) for i, d in enumerate(devices) if quota[i] > 0]
+    heap: list[tuple[int, int, dict[str, str]]] = []
+    for index in range(traffic.devices):
+        if quota[index] > 0:
+            arrival, event = devices[index].next_delivery()
+            heap.append((arrival, index, event))
     heapq.heapify(heap)
     produced = 0
     while heap and produced < traffic.events:
-        _, index = heapq.heappop(heap)
-        device = devices[index]
-        event = device.next_event()
+        _, index, event = heapq.heappop(heap)
         produced += 1
         quota[index] -= 1
-        yield device.key, event
+        yield devices[index].key, event
         if quota[index] > 0:
-            heapq.heappush(heap, (device.time_ms, index))
+            arrival, following = devices[index].next_delivery()
+            heapq.heappush(heap, (arrival, index, following))
 
 
 class Pacer:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import fastavro
+import orjson
 
 from enricher.codecs import avro
 from enricher.entities import iso_millis
@@ -61,9 +62,10 @@ def encode_avro(event: SessionEvent) -> bytes:
 
 
 def encode_json(event: SessionEvent) -> bytes:
+    """Compact UTF-8 JSON."""
     record = as_record(event)
     _map_times(record, iso_millis)
-    return json.dumps(record, separators=(",", ":")).encode()
+    return orjson.dumps(record)
 
 
 def decode_avro(data: bytes) -> dict[str, Any]:
