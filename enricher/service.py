@@ -320,12 +320,18 @@ class Checkpoint:
                 states[device], record = lifecycle.declare_ended(device, state, watermark)
                 self.publish(record)
         cache = self.service.owned[partition].cache
+        codec = self.service.store.codec
         self.unscored[partition] = unscored = []
         self.rescored[partition] = rescored = {}
-        for device, stored in expiring.states.items():
+        for device, data in expiring.records.items():
             if device in states:
                 continue
-            committed = cache.get(device, stored)
+            if device in cache:
+                committed: SessionState | None = cache[device]
+            elif data is None:
+                committed = None
+            else:
+                committed = codec.state_before(device, data, self.starts[partition])
             if committed is None or committed.ended:
                 unscored.append(device)
             elif lifecycle.expired(committed, watermark):

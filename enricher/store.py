@@ -148,8 +148,9 @@ class Expiring(NamedTuple):
     """the committed clock (None: the partition has none yet)"""
     clock_ms: int | None
     """the committed clock advanced by the batch's events (None: the partition has none)"""
-    states: dict[str, SessionState | None]
-    """each device's committed state (None: none)"""
+    records: dict[str, bytes | None]
+    """each device's packed record (None: none), unpacked only when its state is not cached
+    (:meth:`RecordCodec.state_before`)"""
 
 
 class Loaded(NamedTuple):
@@ -243,14 +244,28 @@ class RecordCodec:
         return b"".join(parts)
 
     def unpack(self, device_id: str, data: bytes) -> Record:
-        version, flags, offset = _HEADER.unpack_from(data)
-        if version != RECORD_VERSION:
-            raise ValueError(f"device {device_id!r}: record version {version} is not supported")
+        flags, offset = self._header(device_id, data)
         state, end = self._unpack_state(device_id, data, _HEADER.size)
         snapshot = None
         if flags & _HAS_SNAPSHOT:
             snapshot, end = self._unpack_state(device_id, data, end)
         return Record(state, offset, snapshot)
+
+    def state_before(self, device_id: str, data: bytes, batch_start: int) -> SessionState | None:
+        """``unpack(...).state_before(batch_start)``, unpacking only that state."""
+        flags, offset = self._header(device_id, data)
+        if offset < batch_start:
+            return self._unpack_state(device_id, data, _HEADER.size)[0]
+        if not flags & _HAS_SNAPSHOT:
+            return None
+        return self._unpack_state(device_id, data, _state_end(data, _HEADER.size))[0]
+
+    @staticmethod
+    def _header(device_id: str, data: bytes) -> tuple[int, int]:
+        version, flags, offset = _HEADER.unpack_from(data)
+        if version != RECORD_VERSION:
+            raise ValueError(f"device {device_id!r}: record version {version} is not supported")
+        return flags, offset
 
     def _unpack_state(self, device_id: str, data: bytes, start: int) -> tuple[SessionState, int]:
         (
@@ -295,6 +310,14 @@ class RecordCodec:
             ends_declared=ends,
         )
         return state, at
+
+
+def _state_end(data: bytes, start: int) -> int:
+    """Where the packed state at ``start`` ends."""
+    flags = data[start]
+    at = start + _STATE.size
+    at += 1 + data[at] if flags & _TEXT_EVENT_ID else 16
+    return at + 16 if flags & _HAS_PREVIOUS else at
 
 
 def _pack_state(state: SessionState) -> bytes:
@@ -382,7 +405,7 @@ class PartitionStore:
             for device, data in zip(devices, next(replies), strict=True):
                 if data is None:
                     continue
-                state = self.codec.unpack(device, data).state_before(start)
+                state = self.codec.state_before(device, data, start)
                 if state is not None:
                     found[device] = state
         counts: dict[int, dict[str, int]] = {p: {} for p in renews_of or {}}
@@ -391,19 +414,12 @@ class PartitionStore:
                 d: int(v) for d, v in zip(devices, next(replies), strict=True) if v
             }
         expiring: dict[int, Expiring] = {}
-        for partition, query in queries:
+        for partition, _ in queries:
             committed, clock, devices, records = next(replies)
-            found_states: dict[str, SessionState | None] = {}
-            for raw, data in zip(devices, records, strict=True):
-                device = raw.decode()
-                if data is None:
-                    found_states[device] = None
-                else:
-                    found_states[device] = self.codec.unpack(device, data).state_before(query.start)
             expiring[partition] = Expiring(
                 None if committed is None else int(committed),
                 None if clock is None else int(clock),
-                found_states,
+                {raw.decode(): data for raw, data in zip(devices, records, strict=True)},
             )
         return Loaded(states, counts, expiring)
 

@@ -59,10 +59,15 @@ def test_records_round_trip(
 def test_a_record_from_an_uncommitted_batch_yields_its_snapshot(
     state: SessionState, snapshot: SessionState, offset: int
 ) -> None:
-    record = RecordCodec(IDS).unpack("device-1", RecordCodec(IDS).pack(state, offset, snapshot))
+    codec = RecordCodec(IDS)
+    data = codec.pack(state, offset, snapshot)
+    record = codec.unpack("device-1", data)
     assert record.state_before(offset + 1) == state
     assert record.state_before(offset) == snapshot
     assert record.state_before(offset - 1) == snapshot
+    for start in (offset - 1, offset, offset + 1):
+        assert codec.state_before("device-1", data, start) == record.state_before(start)
+    assert codec.state_before("device-1", codec.pack(state, offset, None), offset) is None
 
 
 def test_a_typical_record_is_compact() -> None:

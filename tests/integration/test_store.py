@@ -21,7 +21,6 @@ from enricher.session import SessionState
 from enricher.store import (
     BatchRedisStore,
     ClockQuery,
-    Expiring,
     Fenced,
     PartitionStore,
     PartitionWrite,
@@ -184,30 +183,38 @@ def test_the_clock_and_the_expiries_follow_the_snapshot_rule(store: PartitionSto
     a = replace(state("a", 1, 1000), expires_ms=5000)
     b = replace(state("b", 1, 2000), expires_ms=20_000)
 
-    def expiring(start: int, batch_clock: int | None, limit: int = 10) -> Expiring:
+    def expiring(
+        start: int, batch_clock: int | None, limit: int = 10
+    ) -> tuple[int | None, int | None, dict[str, SessionState | None]]:
+        """The partition's clocks, and the committed states of the devices found."""
         query = ClockQuery(start, batch_clock, lateness_ms=1000, limit=limit)
-        return store.load({}, None, {5: query}).expiring[5]
+        found = store.load({}, None, {5: query}).expiring[5]
+        states = {
+            device: None if data is None else store.codec.state_before(device, data, start)
+            for device, data in found.records.items()
+        }
+        return found.committed_ms, found.clock_ms, states
 
-    assert expiring(0, None) == Expiring(None, None, {})
-    assert expiring(0, 10_000) == Expiring(None, 10_000, {})
+    assert expiring(0, None) == (None, None, {})
+    assert expiring(0, 10_000) == (None, 10_000, {})
     records = {"a": store.codec.pack(a, 3, None), "b": store.codec.pack(b, 2, None)}
     scores = {"a": a.expires_ms, "b": b.expires_ms}
     store.save({5: PartitionWrite(epoch, records, (10_000, 3, None), scores)})
     # Replaying the batch that wrote offsets up to 3: neither its clock nor its states count.
-    assert expiring(0, 10_000) == Expiring(None, 10_000, {"a": None})
-    assert expiring(0, None) == Expiring(None, None, {})
+    assert expiring(0, 10_000) == (None, 10_000, {"a": None})
+    assert expiring(0, None) == (None, None, {})
     # The next batch: the clock only moves forward; the watermark is the clock minus lateness.
-    assert expiring(4, 8_000) == Expiring(10_000, 10_000, {"a": a})
-    assert expiring(4, 21_000) == Expiring(10_000, 21_000, {"a": a})
-    assert expiring(4, 22_000) == Expiring(10_000, 22_000, {"a": a, "b": b})
-    assert expiring(4, 22_000, limit=1) == Expiring(10_000, 22_000, {"a": a})
+    assert expiring(4, 8_000) == (10_000, 10_000, {"a": a})
+    assert expiring(4, 21_000) == (10_000, 21_000, {"a": a})
+    assert expiring(4, 22_000) == (10_000, 22_000, {"a": a, "b": b})
+    assert expiring(4, 22_000, limit=1) == (10_000, 22_000, {"a": a})
 
     ended = replace(a, ended=True, ends_declared=1)
     write = PartitionWrite(
         epoch, {"a": store.codec.pack(ended, 9, a)}, (22_000, 9, 10_000), {}, ["b"]
     )
     store.save({5: write})
-    assert expiring(5, None) == Expiring(10_000, 10_000, {"a": a})
-    assert expiring(10, None) == Expiring(22_000, 22_000, {"a": ended})
+    assert expiring(5, None) == (10_000, 10_000, {"a": a})
+    assert expiring(10, None) == (22_000, 22_000, {"a": ended})
     with pytest.raises(Fenced):
         store.save({5: write._replace(epoch=epoch - 1)})
