@@ -23,6 +23,7 @@ from instances import (
     service_env,
     traffic,
 )
+from reconcile import reconcile
 from stack import Stack
 
 from enricher.store import partition_keys
@@ -38,13 +39,16 @@ DONE_TIMEOUT = 300.0
 
 def group_coordinator(stack: Stack, group: str) -> int:
     """The broker coordinating ``group``: the leader of its __consumer_offsets partition
-    (Kafka's choice: ``abs(group.hashCode()) % partitions``)."""
+    (Kafka's choice: ``Utils.abs(group.hashCode()) % partitions``, where ``hashCode`` is a
+    signed 32-bit Java int and ``Utils.abs`` is ``Math.abs``, with 0 for ``MIN_VALUE``)."""
     code = 0
     for char in group:
         code = (31 * code + ord(char)) & 0xFFFFFFFF
+    signed = code - (1 << 32) if code & 0x80000000 else code
+    magnitude = 0 if signed == -(1 << 31) else abs(signed)
     meta = stack.admin().list_topics("__consumer_offsets", timeout=10)
     partitions = len(meta.topics["__consumer_offsets"].partitions)
-    return stack.leader_of("__consumer_offsets", (code & 0x7FFFFFFF) % partitions)
+    return stack.leader_of("__consumer_offsets", magnitude % partitions)
 
 
 @contextlib.contextmanager
@@ -96,6 +100,7 @@ def test_exactly_once_through_a_broker_crash_with_redis_cluster(
     output, dead = read_all(stack, topics)
     assert not dead, f"{len(dead)} dead letters, e.g. {dead[:2]}"
     check_output(output, reference.result(), sent)
+    reconcile(stack, topics, output)
 
     # The state went to the Redis Cluster: one hash per input partition, every device once.
     client = stack.redis()
