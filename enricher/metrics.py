@@ -1,4 +1,4 @@
-"""Prometheus metrics and the HTTP endpoints for probes: ``/metrics``, ``/healthz``, ``/readyz``.
+"""Prometheus metrics (served on ``/metrics`` by :mod:`enricher.http`).
 
 Names follow Prometheus conventions: ``enricher_`` prefix, base units, ``_total`` counters,
 ``_seconds`` histograms, and no per-device labels.
@@ -7,20 +7,10 @@ Names follow Prometheus conventions: ``enricher_`` prefix, base units, ``_total`
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from enricher import __version__
 
@@ -147,81 +137,3 @@ class Metrics:
                     gauge.remove(str(partition))
                 except KeyError:
                     continue
-
-
-Route = Callable[[str, str, dict[str, str], bytes], tuple[int, str, bytes]]
-
-
-class HttpServer:
-    """``/metrics``, ``/healthz``, ``/readyz``, plus routes other parts register."""
-
-    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, dict[str, Any]]]):
-        self.metrics = metrics
-        self.ready = ready
-        self.routes: list[tuple[str, Route]] = []
-        self.alive_at = time.monotonic()
-        self.alive_window = 120.0
-        self._server: ThreadingHTTPServer | None = None
-
-    def heartbeat(self) -> None:
-        """The main loop is alive (``/healthz`` fails once it stops beating for long)."""
-        self.alive_at = time.monotonic()
-
-    def add_route(self, prefix: str, route: Route) -> None:
-        self.routes.append((prefix, route))
-
-    def handle(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, str, bytes]:
-        if method == "GET" and path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
-        if method == "GET" and path == "/healthz":
-            stalled = time.monotonic() - self.alive_at
-            ok = stalled < self.alive_window
-            return _json(200 if ok else 503, {"alive": ok, "seconds_since_progress": stalled})
-        if method == "GET" and path == "/readyz":
-            ok, detail = self.ready()
-            return _json(200 if ok else 503, {"ready": ok, **detail})
-        for prefix, route in self.routes:
-            if path.startswith(prefix):
-                return route(method, path, headers, body)
-        return _json(404, {"error": "not found"})
-
-    def start(self, host: str, port: int) -> int:
-        """Serve in a daemon thread; returns the bound port (``port=0`` picks a free one)."""
-        app = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                status, content_type, payload = app.handle(method, self.path, headers, body)
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def do_GET(self) -> None:
-                self._serve("GET")
-
-            def do_POST(self) -> None:
-                self._serve("POST")
-
-            def log_message(self, *_: Any) -> None:
-                return
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
-        return int(self._server.server_address[1])
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-
-def _json(status: int, body: dict[str, Any]) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(body).encode()

@@ -707,3 +707,40 @@ def test_k8s_scaled_object_scales_on_lag_up_to_the_partition_count() -> None:
     secret = objects[("Secret", "session-enricher")]["stringData"]
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["key"] in secret, ref
+
+
+def test_k8s_network_policy_admits_only_named_clients_to_the_metrics_port() -> None:
+    (policy,) = [o for (kind, _), o in manifests().items() if kind == "NetworkPolicy"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    assert "networkpolicy.yaml" in load_yaml(K8S / "kustomization.yaml")["resources"]
+    spec = policy["spec"]
+    labels = deployment()["spec"]["template"]["metadata"]["labels"]
+    assert set(spec["podSelector"]) == {"matchLabels"}
+    assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+    assert spec["podSelector"]["matchLabels"] == deployment()["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress"]
+    container_ports = {port["name"]: port["containerPort"] for port in container()["ports"]}
+    peers: list[dict[str, Any]] = []
+    assert spec["ingress"]
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        assert rule.get("ports"), "a rule without `ports` opens every port"
+        for port in rule["ports"]:
+            assert port.get("protocol", "TCP") == "TCP" and "endPort" not in port
+            assert container_ports.get(port["port"], port["port"]) == k8s_metrics_port()
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+            for selector in (peer.get("namespaceSelector"), peer.get("podSelector")):
+                # {} would select every namespace (or every pod of one).
+                assert selector is None or selector.get("matchLabels"), peer
+            peers.append(peer)
+
+    def pod_labels(peer: dict[str, Any]) -> dict[str, str]:
+        labels: dict[str, str] = peer.get("podSelector", {}).get("matchLabels", {})
+        return labels
+
+    prometheus = [p for p in peers if pod_labels(p).get("app.kubernetes.io/name") == "prometheus"]
+    assert prometheus and all("namespaceSelector" in p for p in prometheus)
+    clients = [p for p in peers if pod_labels(p).get("session-enricher/api-client") == "true"]
+    assert clients
+    assert "session-enricher/api-client" in OPERATIONS_DOC.read_text()

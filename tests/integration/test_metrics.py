@@ -119,6 +119,8 @@ def test_readiness_follows_the_assignment(stack: Stack, fleet: Fleet) -> None:
         200,
         {"ready": True, "partitions": [0], "kafka": True, "redis": True},
     )
+    # The probes need no token; the session API without ENRICHER_SESSION_API_TOKEN is closed.
+    assert probe(first, "/v1/devices/d/session")[0] == 403
 
     assert first.stop() == 0
     wait_for(

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.integration
 
 EVENTS = 2_000
 DEVICES = 100
-TOKEN = "renew-token-for-the-tests"
+TOKEN = "session-api-token-for-the-tests"
 
 
 def parse_iso(text: str) -> datetime:
@@ -94,29 +94,32 @@ def test_getters_agree_with_the_last_entity_and_renew_starts_one_new_session(
     shared = [*("userId", "sessionId", "sessionIndex", "previousSessionId", "eventIndex")]
     shared += ("firstEventId", "firstEventTimestamp", "storageMechanism")
     for device, entity in last.items():
-        status, view = call(instance, "GET", f"/v1/devices/{device}/session")
+        status, view = call(instance, "GET", f"/v1/devices/{device}/session", TOKEN)
         assert status == 200, view
         assert {k: view[k] for k in shared} == entity, device
         assert view["renewPending"] is False
         timeout = BACKGROUND_TIMEOUT if view["isInBackground"] else FOREGROUND_TIMEOUT
         expires = parse_iso(view["lastEventTimestamp"]) + timedelta(seconds=timeout)
         assert parse_iso(view["expiresAt"]) == expires, view
-    assert call(instance, "GET", "/v1/devices/nobody/session")[0] == 404
-
+    assert call(instance, "GET", "/v1/devices/nobody/session", TOKEN)[0] == 404
     device = device_id(0)
+    assert call(instance, "GET", f"/v1/devices/{device}/session")[0] == 401
+    assert call(instance, "GET", f"/v1/devices/{device}/session", "wrong")[0] == 401
+
     table = cli(env, "get", device)
     assert table.returncode == 0, table.stderr
     assert ["sessionId", last[device]["sessionId"]] in [
         r.split() for r in table.stdout.splitlines()
     ]
     as_json = cli(env, "get", device, "--json")
-    assert json.loads(as_json.stdout) == call(instance, "GET", f"/v1/devices/{device}/session")[1]
+    by_http = call(instance, "GET", f"/v1/devices/{device}/session", TOKEN)[1]
+    assert json.loads(as_json.stdout) == by_http
     assert cli(env, "get", "nobody").returncode == 1
 
     assert call(instance, "POST", f"/v1/devices/{device}/session/renew")[0] == 401
     assert call(instance, "POST", f"/v1/devices/{device}/session/renew", "wrong")[0] == 401
     assert call(instance, "POST", f"/v1/devices/{device}/session/renew", TOKEN)[0] == 202
-    assert call(instance, "GET", f"/v1/devices/{device}/session")[1]["renewPending"] is True
+    assert call(instance, "GET", f"/v1/devices/{device}/session", TOKEN)[1]["renewPending"] is True
 
     before = last[device]
     latest = max(int(event["dtm"]) for key, event in items if key == device)
@@ -139,15 +142,21 @@ def test_getters_agree_with_the_last_entity_and_renew_starts_one_new_session(
     assert tail[0]["previousSessionId"] == before["sessionId"]
     assert (tail[0]["eventIndex"], tail[0]["firstEventId"]) == (1, more[0][1]["eid"])
     assert (tail[1]["sessionIndex"], tail[1]["eventIndex"]) == (tail[0]["sessionIndex"], 2)
-    status, view = call(instance, "GET", f"/v1/devices/{device}/session")
+    status, view = call(instance, "GET", f"/v1/devices/{device}/session", TOKEN)
     assert (view["sessionIndex"], view["renewPending"]) == (tail[1]["sessionIndex"], False)
     assert instance.metric("enricher_sessions_started_total", 'cause="renew"') == 1
     reconcile(stack, topics, output)
     progress.close()
 
 
-def test_renew_is_off_unless_enabled(stack: Stack, fleet: Fleet) -> None:
+def test_the_api_is_off_without_a_token_and_renew_unless_enabled(
+    stack: Stack, fleet: Fleet
+) -> None:
     topics = stack.new_topics("session-api-off", partitions=1)
     instance = fleet.add("session-api-off", service_env(stack, topics)).start()
     instance.wait_logged("assigned partitions")
+    status, body = call(instance, "GET", "/v1/devices/d/session", TOKEN)
+    assert status == 403
+    assert "ENRICHER_SESSION_API_TOKEN" in body["error"]
     assert call(instance, "POST", "/v1/devices/d/session/renew", TOKEN)[0] == 403
+    assert instance.metric("enricher_build_info", 'version="0.1.0"') == 1  # /metrics stays open
