@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 
 from enricher import config
 from enricher.codecs import tracker
-from enricher.service import consumer_config, producer_config
+from enricher.output import consumer_config, producer_config
 
 log = logging.getLogger("bench.passthrough")
 

@@ -1,4 +1,6 @@
-"""Entry points: ``enricher batch`` (files) and ``enricher run`` (the streaming service)."""
+"""Entry points: ``enricher run`` (the streaming service), ``enricher batch`` (file mode),
+``enricher generate`` (traffic) and ``enricher session`` (a device's session). This module
+only parses arguments and settings; :mod:`enricher.app` builds what each command runs."""
 
 from __future__ import annotations
 
@@ -8,9 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from enricher import __version__, config
-from enricher.enrich import Enricher, EntityOptions
-from enricher.session import SessionEngine
+from enricher import __version__, app, config
 
 
 def _session_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,17 +56,6 @@ _SESSION_OVERRIDES = (
 )
 
 
-def build_enricher(settings: config.Settings) -> Enricher:
-    return Enricher(
-        SessionEngine(settings.session_config()),
-        EntityOptions(
-            session_context=settings.session_context,
-            lifecycle_context=settings.lifecycle_context,
-            keep_tracker_entities=settings.keep_tracker_entities,
-        ),
-    )
-
-
 def _warn_default_salt(settings: config.Settings) -> None:
     if settings.salt == config.DEFAULT_SALT:
         print(
@@ -85,17 +74,17 @@ def _batch(args: argparse.Namespace) -> int:
     _warn_default_salt(settings)
     store: batch.StateStore
     if args.redis_url:
-        from enricher.store import BatchRedisStore, connect
+        from enricher.store import FileModeStore
 
         if not settings.input_topic:
             raise config.ConfigError(
                 ["--redis-url needs the service's input topic (--input-topic), to find its state"]
             )
-        store = BatchRedisStore(connect(settings), settings, partitions=args.partitions)
+        store = FileModeStore(app.partition_store(settings), partitions=args.partitions)
     else:
         store = batch.MemoryStore()
     try:
-        summary = batch.run(build_enricher(settings), args.input, args.output, store)
+        summary = batch.run(app.enricher(settings), args.input, args.output, store)
     except batch.UnusableFile as error:
         print(f"enricher: {error}", file=sys.stderr)
         return 2
@@ -113,68 +102,12 @@ _RUN_REQUIRED = (
 
 
 def _run(args: argparse.Namespace) -> int:
-    import logging
-    import os
-    import signal
-    import threading
-
-    from confluent_kafka import KafkaException
-
-    from enricher import formats, logs
-    from enricher.api import SessionApi
-    from enricher.ids import IdDeriver
-    from enricher.lookup import SessionLookup
-    from enricher.metrics import HttpServer, Metrics
-    from enricher.service import Service
-    from enricher.store import PartitionStore, connect
+    from enricher import logs
 
     settings = config.load(config_file=args.config, require=_RUN_REQUIRED)
     logs.configure(settings.log_format, settings.log_level)
-    log = logging.getLogger("enricher")
     _warn_default_salt(settings)
-    # SIGTERM and SIGINT are taken by a thread of their own (below), so that the shutdown
-    # deadline is armed even while the main thread is blocked inside librdkafka. Block them
-    # before any thread starts (librdkafka's included): threads inherit the mask.
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    metrics = Metrics()
-    store = PartitionStore(
-        connect(settings), settings.redis_key_prefix, settings.input_topic, IdDeriver(settings.salt)
-    )
-    service = Service(settings, build_enricher(settings), store, formats.codecs(settings), metrics)
-    http = HttpServer(metrics, service.ready)
-    try:
-        lookup = SessionLookup(store, service.input_partitions(), settings.session_config())
-    except KafkaException as error:
-        log.error("cannot read the input topic's metadata: %s", error)
-        return 1
-    token = settings.session_api_token if settings.session_api_renew else None
-    http.add_route(SessionApi.prefix, SessionApi(lookup, renew_token=token))
-    service.on_progress = http.heartbeat
-    port = http.start(settings.metrics_host, settings.metrics_port)
-    log.info("http on %s:%d (/metrics, /healthz, /readyz)", settings.metrics_host, port)
-
-    def watch_signals() -> None:
-        first = signal.Signals(signal.sigwait(stop_signals))
-        log.info("%s: finishing the batch and leaving the group", first.name)
-        service.stop()
-        deadline = threading.Timer(settings.shutdown_timeout, _overdue, (settings,))
-        deadline.daemon = True
-        deadline.start()
-        second = signal.Signals(signal.sigwait(stop_signals))
-        log.warning("second %s: exiting now", second.name)
-        os._exit(130)
-
-    threading.Thread(target=watch_signals, name="signals", daemon=True).start()
-    try:
-        service.run()
-    except KafkaException as error:
-        log.error("stopping on a fatal Kafka error: %s", error)
-        return 1
-    finally:
-        http.stop()
-    log.info("stopped")
-    return 0
+    return app.run_service(settings)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -191,27 +124,9 @@ def _generate(args: argparse.Namespace) -> int:
     encode = avro.encode_raw if args.format == "avro" else tracker.dump
     pacer = generate.Pacer(args.rate)
     if args.topic:
-        from confluent_kafka import Producer
-
         settings = config.load(config_file=args.config, require=("bootstrap_servers",))
-        producer = Producer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "partitioner": "murmur2_random",
-                "linger.ms": 20,
-                **settings.kafka,
-            }
-        )
-        for key, event in generate.events(traffic):
-            pacer.wait()
-            while True:
-                try:
-                    producer.produce(args.topic, value=encode(event), key=key)
-                    break
-                except BufferError:
-                    producer.poll(0.1)
-            producer.poll(0)
-        remaining = producer.flush(60)
+        producer_config = app.input_producer_config(settings)
+        remaining = generate.produce(traffic, args.topic, encode, pacer, producer_config)
         if remaining:
             print(f"enricher: {remaining} events not delivered", file=sys.stderr)
             return 1
@@ -226,16 +141,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _session(args: argparse.Namespace) -> int:
     import json
 
-    from enricher.ids import IdDeriver
     from enricher.lookup import SessionLookup
-    from enricher.store import PartitionStore, connect
 
     settings = config.load(config_file=args.config, require=("redis_url", "input_topic"))
-    partitions = args.partitions or _topic_partitions(settings)
-    store = PartitionStore(
-        connect(settings), settings.redis_key_prefix, settings.input_topic, IdDeriver(settings.salt)
-    )
-    lookup = SessionLookup(store, partitions, settings.session_config())
+    partitions = args.partitions or app.input_partitions(settings)
+    lookup = SessionLookup(app.partition_store(settings), partitions, settings.session_config())
     if args.action == "renew":
         lookup.renew(args.device_id)
         print(f"renew requested: the next event of {args.device_id!r} starts a new session")
@@ -254,28 +164,15 @@ def _session(args: argparse.Namespace) -> int:
     return 0
 
 
-def _topic_partitions(settings: config.Settings) -> int:
-    """The input topic's partition count, from Kafka."""
-    from confluent_kafka.admin import AdminClient
-
-    if not settings.bootstrap_servers:
-        raise config.ConfigError(["--partitions, or ENRICHER_BOOTSTRAP_SERVERS to look it up"])
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **settings.kafka})
-    topics = admin.list_topics(settings.input_topic, timeout=15).topics
-    partitions = topics[settings.input_topic].partitions if settings.input_topic in topics else {}
-    if not partitions:
-        raise config.ConfigError([f"input topic {settings.input_topic!r} not found in Kafka"])
-    return len(partitions)
-
-
-def _overdue(settings: config.Settings) -> None:
-    import logging
-    import os
-
-    logging.getLogger("enricher").error(
-        "shutdown took longer than %.0fs; exiting without a clean leave", settings.shutdown_timeout
-    )
-    os._exit(3)
+def _partition_count(text: str) -> int:
+    """``--partitions``: a whole number, at least 1 (argparse exits 2 otherwise)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
 
 
 def parser() -> argparse.ArgumentParser:
@@ -297,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("--input-topic", help="the service's input topic, with --redis-url")
     batch.add_argument(
         "--partitions",
-        type=int,
+        type=_partition_count,
         default=12,
         help="partitions of the service's input topic, to find its state in Redis (12)",
     )
@@ -338,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
     session.add_argument("device_id")
     session.add_argument("--json", action="store_true", help="JSON instead of a table")
     session.add_argument(
-        "--partitions", type=int, help="input topic partitions (default: ask Kafka)"
+        "--partitions", type=_partition_count, help="input topic partitions (default: ask Kafka)"
     )
     session.add_argument("--config", type=Path, help="TOML settings file")
     session.set_defaults(handler=_session)

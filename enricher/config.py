@@ -2,12 +2,13 @@
 
 Every problem is collected and reported at once (:class:`ConfigError`), before anything
 connects anywhere. Precedence: command-line flags, then environment, then the file, then the
-defaults. Secrets are kept out of ``repr`` and logs.
+defaults. Each setting is read by its parser (:mod:`enricher.validation`), then the settings
+are checked against each other. Secrets are kept out of ``repr`` and logs
+(:mod:`enricher.redaction`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import tomllib
@@ -15,15 +16,31 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from enricher import redaction
 from enricher.session import DEFAULT_TIMEOUT_SECONDS, STORAGE_MECHANISMS, SessionConfig, Timeouts
+from enricher.validation import (
+    MAX_BATCH_SIZE,
+    MAX_MESSAGE_BYTES,
+    MAX_TRANSACTION_TIMEOUT_MS,
+    Problems,
+    choice,
+    kafka_problems,
+    number,
+    parse_app_timeouts,
+    parse_bool,
+    parse_duration,
+    parse_key_prefix,
+    read_kafka_table,
+    redis_url_problems,
+    registry_url_problems,
+    toml_type_problem,
+)
 
 ENV_PREFIX = "ENRICHER_"
 KAFKA_PREFIX = "KAFKA_"
 FORMATS = ("json", "avro", "avro-registry")
 DEFAULT_SALT = "session-enricher-default-salt"
-_SECRET_KAFKA_KEYS = ("password", "secret", "key.pem", "token")
 
 
 class ConfigError(ValueError):
@@ -65,10 +82,13 @@ class Settings:
     batch_size: int = 1000
     batch_timeout_ms: int = 200
     max_message_bytes: int = 900_000
+    max_event_ahead: float = 86_400.0
+    max_batch_aborts: int = 20
     transaction_timeout_ms: int = 30_000
     shutdown_timeout: float = 20.0
     session_api_renew: bool = False
     session_api_token: str = field(default="", repr=False)
+    session_api_anonymous_reads: bool = False
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9108
     log_format: str = "text"
@@ -87,131 +107,82 @@ class Settings:
         return self.transactional_id or f"{self.group_id}-{socket.gethostname()}"
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as a dict fit for a log line: secrets masked."""
+        """The settings as a dict fit for a log line, secrets masked by rule, not by list:
+
+        - a URL (a field whose name ends in ``_url``) is shown with its credentials masked
+          (:func:`~enricher.redaction.redact_url`);
+        - any other field declared with ``repr=False`` is a secret, shown as ``***``;
+        - ``kafka``: each property as :func:`~enricher.redaction.redact_kafka_property` shows
+          it (a secret one is ``***``, a URL is redacted).
+        """
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("salt", "session_api_token"):
-                value = "***"
-            elif f.name in ("redis_url", "schema_registry_url"):
-                value = redact_url(value)
-            elif f.name == "kafka":
-                value = {k: ("***" if is_secret_kafka_key(k) else v) for k, v in value.items()}
+            if f.name == "kafka":
+                value = {k: redaction.redact_kafka_property(k, v) for k, v in value.items()}
             elif f.name == "app_timeouts":
                 value = {
                     k: [t.foreground_ms / 1000, t.background_ms / 1000] for k, t in value.items()
                 }
+            elif f.name.endswith("_url"):
+                value = redaction.redact_url(value)
+            elif not f.repr:
+                value = redaction.MASK
             out[f.name] = value
         return out
 
+    def secrets(self) -> list[str]:
+        """Every secret value :meth:`redacted` masks (longest first, none empty)."""
+        found: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "kafka":
+                for name, text in value.items():
+                    found += redaction.kafka_property_secrets(name, text)
+            elif f.name.endswith("_url"):
+                found += redaction.url_redaction(value)[1]
+            elif not f.repr and isinstance(value, str):
+                found.append(value)
+        return sorted({s for s in found if s}, key=len, reverse=True)
 
-def is_secret_kafka_key(key: str) -> bool:
-    return any(word in key for word in _SECRET_KAFKA_KEYS)
-
-
-def redact_url(url: str) -> str:
-    """``redis://user:pw@host`` -> ``redis://user:***@host``."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
-
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _parse_app_timeouts(value: Any) -> dict[str, Timeouts]:
-    """``{"app": [fg, bg]}`` in TOML, or ``app=fg:bg,other=fg:bg`` in the environment."""
-    items: dict[str, Any]
-    if isinstance(value, Mapping):
-        items = dict(value)
-    else:
-        items = {}
-        for part in filter(None, (p.strip() for p in str(value).split(","))):
-            app, sep, pair = part.partition("=")
-            if not sep:
-                raise ValueError(f"expected app=foreground:background, got {part!r}")
-            items[app.strip()] = pair.split(":")
-    out: dict[str, Timeouts] = {}
-    for app, pair in items.items():
-        if len(pair) != 2:
-            raise ValueError(f"app {app!r}: expected two timeouts (foreground, background)")
-        out[app] = Timeouts.from_seconds(float(pair[0]), float(pair[1]))
-    return out
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if str(value) not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
-        return str(value)
-
-    return parse
-
-
-def _non_negative(kind: Callable[[Any], float]) -> Callable[[Any], Any]:
-    def parse(value: Any) -> Any:
-        number = kind(value)
-        if number < 0:
-            raise ValueError(f"must not be negative, got {value!r}")
-        if not math.isfinite(number):
-            raise ValueError(f"must be a finite number, got {value!r}")
-        return number
-
-    return parse
-
-
-def _positive_int(value: Any) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-    return number
-
-
-def _prefix(value: Any) -> str:
-    text = str(value)
-    if "{" in text or "}" in text:
-        raise ValueError("must not contain '{' or '}' (they are the Redis Cluster hash tag)")
-    return text
+    def scrub(self, text: str) -> str:
+        """``text`` (an error message from a client library) with every secret masked."""
+        return redaction.scrub(text, self.secrets())
 
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
-    "redis_cluster": _parse_bool,
-    "session_context": _parse_bool,
-    "lifecycle_context": _parse_bool,
-    "keep_tracker_entities": _parse_bool,
-    "session_api_renew": _parse_bool,
-    "state_ttl_days": _non_negative(float),
-    "session_events_lateness": _non_negative(float),
-    "state_sweep_interval": _non_negative(float),
-    "foreground_timeout": _non_negative(float),
-    "background_timeout": _non_negative(float),
-    "app_timeouts": _parse_app_timeouts,
-    "storage_mechanism": _choice(*STORAGE_MECHANISMS),
-    "input_format": _choice(*FORMATS),
-    "output_format": _choice(*FORMATS),
-    "batch_size": _positive_int,
-    "batch_timeout_ms": _positive_int,
-    "max_message_bytes": _positive_int,
-    "transaction_timeout_ms": _positive_int,
-    "shutdown_timeout": _non_negative(float),
-    "metrics_port": _non_negative(int),
-    "log_format": _choice("text", "json"),
-    "log_level": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
-    "redis_key_prefix": _prefix,
+    "redis_cluster": parse_bool,
+    "session_context": parse_bool,
+    "lifecycle_context": parse_bool,
+    "keep_tracker_entities": parse_bool,
+    "session_api_renew": parse_bool,
+    "session_api_anonymous_reads": parse_bool,
+    "state_ttl_days": number(float, 0, 3650, " (10 years)"),
+    "session_events_lateness": parse_duration,
+    "state_sweep_interval": parse_duration,
+    "foreground_timeout": parse_duration,
+    "background_timeout": parse_duration,
+    "app_timeouts": parse_app_timeouts,
+    "storage_mechanism": choice(*STORAGE_MECHANISMS),
+    "input_format": choice(*FORMATS),
+    "output_format": choice(*FORMATS),
+    "batch_size": number(int, 1, MAX_BATCH_SIZE, " (librdkafka's limit per consume call)"),
+    "batch_timeout_ms": number(int, 1, 60_000, " (1 minute)"),
+    "max_message_bytes": number(int, 1, MAX_MESSAGE_BYTES),
+    "max_event_ahead": number(float, 0, 366 * 86_400, " (366 days)"),
+    "max_batch_aborts": number(int, 1, 10_000),
+    "transaction_timeout_ms": number(
+        int, 1000, MAX_TRANSACTION_TIMEOUT_MS, " (the broker's default transaction.max.timeout.ms)"
+    ),
+    "shutdown_timeout": number(float, 0, 3600, " (1 hour)"),
+    "metrics_port": number(int, 0, 65535),
+    "log_format": choice("text", "json"),
+    "log_level": choice("DEBUG", "INFO", "WARNING", "ERROR"),
+    "redis_key_prefix": parse_key_prefix,
 }
 _NAMES = {f.name for f in fields(Settings)} - {"kafka"}
+_SECRET_FIELDS = {f.name for f in fields(Settings) if not f.repr}
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(Settings)}
 
 
 def load(
@@ -226,6 +197,7 @@ def load(
     problems: list[str] = []
     raw: dict[str, tuple[str, Any]] = {}
     kafka: dict[str, str] = {}
+    kafka_origins: dict[str, str] = {}
 
     if config_file is not None:
         try:
@@ -233,10 +205,15 @@ def load(
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise ConfigError([f"{config_file}: {error}"]) from None
         for key, value in document.items():
-            if key == "kafka" and isinstance(value, Mapping):
-                kafka.update({str(k): str(v) for k, v in value.items()})
+            origin = f"{config_file}:{key}"
+            if key == "kafka":
+                problems += read_kafka_table(value, origin, kafka, kafka_origins)
             elif key in _NAMES:
-                raw[key] = (f"{config_file}:{key}", value)
+                mistyped = toml_type_problem(key, _FIELD_TYPES[key], value)
+                if mistyped:
+                    problems.append(f"{origin}: {mistyped}")
+                else:
+                    raw[key] = (origin, value)
             else:
                 problems.append(f"{config_file}: unknown setting {key!r}")
 
@@ -245,7 +222,9 @@ def load(
             continue
         key = name[len(ENV_PREFIX) :]
         if key.startswith(KAFKA_PREFIX):
-            kafka[key[len(KAFKA_PREFIX) :].lower().replace("_", ".")] = value
+            prop = key[len(KAFKA_PREFIX) :].lower().replace("_", ".")
+            kafka[prop] = value
+            kafka_origins[prop] = name
         elif key.lower() in _NAMES:
             raw[key.lower()] = (name, value)
         else:
@@ -261,9 +240,14 @@ def load(
         try:
             values[key] = parse(value)
         except (TypeError, ValueError) as error:
-            problems.append(f"{origin}: {error}")
+            messages = error.problems if isinstance(error, Problems) else [str(error)]
+            if key in _SECRET_FIELDS:  # never echo a secret
+                secrets = [str(value), *redaction.url_redaction(str(value))[1]]
+                messages = [redaction.scrub(m, secrets) for m in messages]
+            problems += [f"{origin}: {message}" for message in messages]
 
     settings = Settings(**values, kafka=kafka)
+    problems += kafka_problems(kafka, kafka_origins)
     problems += _check(settings, require)
     if problems:
         raise ConfigError(problems)
@@ -279,16 +263,20 @@ def _check(settings: Settings, require: tuple[str, ...]) -> list[str]:
     except ValueError as error:
         problems.append(f"session timeouts: {error}")
     if settings.redis_url:
-        scheme = urlsplit(settings.redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            problems.append(
-                f"{ENV_PREFIX}REDIS_URL: scheme must be redis, rediss or unix, not {scheme!r}"
-            )
-    if settings.session_api_renew and len(settings.session_api_token) < 16:
+        problems += redis_url_problems(
+            f"{ENV_PREFIX}REDIS_URL", settings.redis_url, cluster=settings.redis_cluster
+        )
+    if settings.schema_registry_url:
+        problems += registry_url_problems(
+            f"{ENV_PREFIX}SCHEMA_REGISTRY_URL", settings.schema_registry_url
+        )
+    if settings.session_api_renew and not settings.session_api_token:
         problems.append(
             f"{ENV_PREFIX}SESSION_API_RENEW needs {ENV_PREFIX}SESSION_API_TOKEN"
             " (at least 16 characters)"
         )
+    if 0 < len(settings.session_api_token) < 16:
+        problems.append(f"{ENV_PREFIX}SESSION_API_TOKEN must be at least 16 characters")
     registry_needed = "avro-registry" in (settings.input_format, settings.output_format)
     if registry_needed and not settings.schema_registry_url:
         problems.append(f"{ENV_PREFIX}SCHEMA_REGISTRY_URL is required for the avro-registry format")

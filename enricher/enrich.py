@@ -11,7 +11,21 @@ from enricher.entities import (
     SelfDescribing,
     session_entities,
 )
+from enricher.errors import BadInput
 from enricher.session import SessionEngine, SessionState, Step
+
+
+def check_not_ahead(time_ms: int, reference_ms: int, max_ahead_ms: int) -> None:
+    """Refuse an event time more than ``max_ahead_ms`` ahead of ``reference_ms`` (the record's
+    Kafka timestamp; in file mode, the run's reference time). Such an event would become its
+    device's clock, and every later real event would join its session. A reference of 0 or
+    less is unknown (a record without a timestamp): then only the codec's bounds apply."""
+    if reference_ms > 0 and time_ms - reference_ms > max_ahead_ms:
+        raise BadInput(
+            "future_timestamp",
+            f"the event time is {(time_ms - reference_ms) / 1000:.0f}s ahead of the reference"
+            f" time {reference_ms} (at most {max_ahead_ms / 1000:.0f}s allowed)",
+        )
 
 
 @dataclass(frozen=True, slots=True)

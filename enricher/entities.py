@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from enricher.session import SessionState
@@ -24,12 +24,20 @@ UNSTRUCT_EVENT_SCHEMA = "iglu:com.snowplowanalytics.snowplow/unstruct_event/json
 SelfDescribing = dict[str, Any]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS_PER_400_YEARS = 146_097 * 86_400_000  # the Gregorian calendar repeats every 400 years
+
+
 @functools.lru_cache(maxsize=65536)
 def iso_millis(time_ms: int) -> str:
-    """Format epoch milliseconds as JavaScript's ``toISOString()`` does (cached: every event
-    of a session carries its first event's time)."""
-    moment = datetime.fromtimestamp(time_ms // 1000, tz=UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{time_ms % 1000:03d}Z"
+    """Format epoch milliseconds as JavaScript's ``toISOString()`` does, for any time (cached:
+    every event of a session carries its first event's time). Years outside 0000-9999 take
+    JavaScript's expanded form, a sign and six digits (``+010000-01-01T00:00:00.000Z``)."""
+    cycles, within = divmod(time_ms, _MS_PER_400_YEARS)
+    moment = _EPOCH + timedelta(milliseconds=within)
+    year = moment.year + 400 * cycles
+    text = f"{year:04d}" if 0 <= year <= 9999 else f"{'+' if year > 0 else '-'}{abs(year):06d}"
+    return f"{text}-{moment:%m-%dT%H:%M:%S}.{time_ms % 1000:03d}Z"
 
 
 def client_session_data(state: SessionState, storage_mechanism: str) -> dict[str, Any]:

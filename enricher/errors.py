@@ -14,6 +14,7 @@ Reason = Literal[
     "not_an_object",
     "non_string_field",
     "missing_key",
+    "invalid_key",
     "missing_event_id",
     "invalid_event_id",
     "missing_timestamp",
@@ -21,8 +22,12 @@ Reason = Literal[
     "invalid_ue",
     "invalid_contexts",
     "invalid_base64",
+    "invalid_number",
+    "too_deep",
     "unknown_schema_id",
     "oversize",
+    "not_producible",
+    "future_timestamp",
     "not_encodable",
 ]
 

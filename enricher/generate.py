@@ -15,8 +15,9 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from enricher.entities import (
     BACKGROUND_EVENT_SCHEMA,
@@ -180,3 +181,24 @@ class Pacer:
             delay = self.next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+
+
+def produce(
+    traffic: Traffic,
+    topic: str,
+    encode: Callable[[dict[str, str]], bytes],
+    pacer: Pacer,
+    producer_config: dict[str, Any],
+) -> int:
+    """Produce the traffic to ``topic``, keyed by device; returns how many events were not
+    delivered."""
+    from confluent_kafka import Producer
+
+    from enricher.output import produce_waiting
+
+    producer = Producer(producer_config)
+    for key, event in events(traffic):
+        pacer.wait()
+        produce_waiting(producer, topic, value=encode(event), key=key)
+        producer.poll(0)
+    return int(producer.flush(60))

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from enricher.entities import iso_millis
+from enricher.partitioning import kafka_partition
 from enricher.session import SessionConfig
-from enricher.store import PartitionStore, kafka_partition
+from enricher.store import PartitionStore
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,20 +1,10 @@
-"""The streaming service: consume -> enrich -> produce, exactly once.
+"""The streaming service: the consume loop around the commit protocol.
 
-The commit protocol lives in :class:`Checkpoint` and nowhere else; ``docs/exactly-once.md``
-explains why each crash point is safe. In short, per batch:
-
-1. read the committed state of the batch's devices (cache, else Redis, using each record's
-   snapshot when the record was written by a batch that never committed);
-2. enrich in input order and produce the output and dead-letter records inside a Kafka
-   transaction, and with a session lifecycle topic, the sessions each event started and
-   ended, then the ends of the sessions the partitions' watermarks have passed;
-3. write the new state to Redis, fenced by the partition's epoch, each record carrying the
-   state it started from (and each partition's clock, the value it started from);
-4. add the input offsets to the transaction and commit it.
-
-A failure anywhere before 4 completes aborts the transaction and rewinds the consumer to the
-batch's first offsets: the replay reads the same snapshots and, with derived ids, produces
-byte-identical output.
+:class:`Service` consumes batches, hands each to a :class:`~enricher.checkpoint.Checkpoint`
+(the exactly-once protocol, in one place), and on failure backs off and lets the consumer
+deliver the rewound batch again. It also answers the consumer group's rebalances (fencing the
+partitions it is assigned in Redis), runs the state-TTL sweep between batches, and keeps the
+health the probes report.
 """
 
 from __future__ import annotations
@@ -23,383 +13,29 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from enricher import lifecycle
+from enricher import session_ends
+from enricher.checkpoint import Checkpoint, Outcome, OwnedPartition, Topics
+from enricher.codecs.factory import Codecs
 from enricher.config import Settings
+from enricher.deadletter import HEADER_PREFIX
 from enricher.enrich import Enricher
-from enricher.errors import BadInput, Unavailable
-from enricher.formats import Codecs
-from enricher.lifecycle import SessionEvent
+from enricher.errors import Unavailable
+from enricher.intake import InputMessage, MessageDecoder
 from enricher.metrics import Metrics
-from enricher.session import SessionState
-from enricher.store import ClockQuery, Expiring, Fenced, PartitionStore, PartitionWrite
+from enricher.output import Output, Refused, consumer_config, producer_config
+from enricher.store import Fenced, PartitionStore
+from enricher.sweeper import Sweeper
 
 log = logging.getLogger("enricher.service")
 
-Headers = list[tuple[str, str | bytes | None]]
-DLQ_HEADER_PREFIX = "enricher.error."
+DLQ_HEADER_PREFIX = HEADER_PREFIX
 _BACKOFF_START = 0.2
 _BACKOFF_MAX = 10.0
-# At most this many sessions of a partition are checked against its watermark per batch; the
-# rest wait for the next batches.
-EXPIRING_PER_BATCH = 2000
-
-
-def consumer_config(settings: Settings) -> dict[str, Any]:
-    return {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "group.id": settings.group_id,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "isolation.level": "read_committed",
-        "auto.offset.reset": "earliest",
-        # Cooperative rebalancing moves only the partitions that must move: the others keep
-        # their warm state cache and are never paused.
-        "partition.assignment.strategy": "cooperative-sticky",
-        "enable.partition.eof": False,
-        "statistics.interval.ms": 5000,
-        **settings.kafka,
-    }
-
-
-def producer_config(settings: Settings) -> dict[str, Any]:
-    return {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "transactional.id": settings.effective_transactional_id(),
-        "transaction.timeout.ms": settings.transaction_timeout_ms,
-        "enable.idempotence": True,
-        "linger.ms": 5,
-        # The Java clients' partitioner, so a device lands on the same partition number in
-        # the output topic as in the input topic written by a JVM collector.
-        "partitioner": "murmur2_random",
-        **settings.kafka,
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class InputRecord:
-    """The parts of a consumed Kafka message the service uses, read once."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers | None
-    timestamp_ms: int
-
-    @classmethod
-    def of(cls, message: Message) -> InputRecord:
-        headers = message.headers()
-        return cls(
-            topic=message.topic() or "",
-            partition=message.partition() or 0,
-            offset=message.offset() or 0,
-            key=_as_bytes(message.key()),
-            value=_as_bytes(message.value()),
-            headers=list(headers.items()) if isinstance(headers, dict) else headers,
-            timestamp_ms=message.timestamp()[1],
-        )
-
-
-def _as_bytes(data: str | bytes | None) -> bytes | None:
-    return data.encode() if isinstance(data, str) else data
-
-
-@dataclass(slots=True)
-class Owned:
-    """A partition this instance owns: its fencing epoch, its warm state, its sweep cursor."""
-
-    epoch: int
-    committed: int = -1
-    cache: dict[str, SessionState] = field(default_factory=dict)
-    sweep_cursor: int | None = None
-
-
-class Sweeper:
-    """Expires devices not seen for ``state_ttl_days``, a slice per partition between batches,
-    so that a sweep never stalls the stream."""
-
-    SLICE = 500
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        self.ttl_ms = int(service.settings.state_ttl_days * 86_400_000)
-        self.interval = service.settings.state_sweep_interval
-        self.next_at = time.monotonic()
-        self.cutoff_ms = 0
-
-    def step(self) -> None:
-        if not self.ttl_ms:
-            return
-        owned = self.service.owned
-        pending = {p: o for p, o in owned.items() if o.sweep_cursor is not None}
-        if not pending:
-            if time.monotonic() < self.next_at:
-                return
-            self.next_at = time.monotonic() + self.interval
-            self.cutoff_ms = int(time.time() * 1000) - self.ttl_ms
-            for state in owned.values():
-                state.sweep_cursor = 0
-                state.cache = {
-                    d: s for d, s in state.cache.items() if s.last_event_ms >= self.cutoff_ms
-                }
-            pending = dict(owned)
-        slices = {p: (o.epoch, o.sweep_cursor or 0) for p, o in pending.items()}
-        store = self.service.store
-        done = self.service.redis_call(
-            "sweep", lambda: store.sweep(slices, self.cutoff_ms, self.SLICE)
-        )
-        for partition, (cursor, deleted) in done.items():
-            pending[partition].sweep_cursor = cursor or None
-            if deleted:
-                self.service.metrics.expired.inc(deleted)
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What a batch produced, for the metrics once it commits."""
-
-    consumed: int = 0
-    produced: int = 0
-    dead_lettered: dict[str, int] = field(default_factory=dict)
-    sessions_started: dict[str, int] = field(default_factory=dict)
-    events_by_state: dict[str, int] = field(default_factory=dict)
-    device_times_ms: list[int] = field(default_factory=list)
-    kafka_times_ms: list[int] = field(default_factory=list)
-    sessions_ended: dict[tuple[str, str], int] = field(default_factory=dict)
-    """by (cause, detected by)"""
-    sessions_reopened: int = 0
-    watermarks_ms: dict[int, int] = field(default_factory=dict)
-
-
-class Checkpoint:
-    """One batch on its way to a commit. The order of its steps is the exactly-once protocol."""
-
-    def __init__(self, service: Service, messages: list[InputRecord]) -> None:
-        self.service = service
-        self.messages = messages
-        self.starts: dict[int, int] = {}
-        self.ends: dict[int, int] = {}
-        for message in messages:
-            partition, offset = message.partition, message.offset
-            self.starts.setdefault(partition, offset)
-            self.ends[partition] = offset
-        self.states: dict[int, dict[str, SessionState]] = {p: {} for p in self.starts}
-        self.offsets: dict[int, dict[str, int]] = {p: {} for p in self.starts}
-        self.bases: dict[int, dict[str, SessionState | None]] = {p: {} for p in self.starts}
-        self.renews: dict[int, dict[str, int]] = {}
-        self.expiring: dict[int, Expiring] = {}
-        self.rescored: dict[int, dict[str, int]] = {}
-        self.unscored: dict[int, list[str]] = {}
-        self.outcome = Outcome(consumed=len(messages))
-        self.in_transaction = False
-
-    def run(self) -> None:
-        """Steps 1 to 4; raises if the batch must be aborted and replayed."""
-        service = self.service
-        decoded = [service.decode_message(m) for m in self.messages]
-        self.load_states(decoded)
-        service.producer.begin_transaction()
-        self.in_transaction = True
-        for message, item in zip(self.messages, decoded, strict=True):
-            try:
-                if isinstance(item, BadInput):
-                    raise item
-                self.enrich(message, item)
-            except BadInput as error:
-                service.dead_letter(message, error)
-                reasons = self.outcome.dead_lettered
-                reasons[error.reason] = reasons.get(error.reason, 0) + 1
-        for partition, expiring in self.expiring.items():
-            self.end_expired(partition, expiring)
-        self.save_states()
-        offsets = [
-            TopicPartition(service.settings.input_topic, p, end + 1) for p, end in self.ends.items()
-        ]
-        service.producer.send_offsets_to_transaction(
-            offsets, service.consumer.consumer_group_metadata(), service.kafka_timeout
-        )
-        service.producer.commit_transaction(service.kafka_timeout)
-
-    def load_states(self, decoded: list[tuple[str, Any] | BadInput]) -> None:
-        service = self.service
-        missing: dict[int, set[str]] = {}
-        clocks: dict[int, int] = {}
-        hits = 0
-        for message, item in zip(self.messages, decoded, strict=True):
-            if isinstance(item, BadInput):
-                continue
-            partition, device = message.partition, item[0]
-            if service.settings.session_events_topic:
-                time_ms = lifecycle.clock_time(item[1].facts.time_ms, message.timestamp_ms)
-                if time_ms > clocks.get(partition, time_ms - 1):
-                    clocks[partition] = time_ms
-            known = self.bases[partition]
-            if device in known:
-                continue
-            cache = service.owned[partition].cache
-            if device in cache:
-                known[device] = cache[device]
-                hits += 1
-            else:
-                known[device] = None
-                missing.setdefault(partition, set()).add(device)
-        service.metrics.cache.labels(result="hit").inc(hits)
-        service.metrics.cache.labels(result="miss").inc(sum(map(len, missing.values())))
-        wanted = {p: (self.starts[p], devices) for p, devices in missing.items()}
-        seen = {p: list(devices) for p, devices in self.bases.items() if devices}
-        queries = {}
-        if service.settings.session_events_topic:
-            lateness = service.lateness_ms
-            queries = {
-                p: ClockQuery(start, clocks.get(p), lateness, EXPIRING_PER_BATCH)
-                for p, start in self.starts.items()
-            }
-        loaded = service.redis_call("load", lambda: service.store.load(wanted, seen, queries))
-        for partition, states in loaded.states.items():
-            self.bases[partition].update(states)
-        self.renews = loaded.renews
-        self.expiring = loaded.expiring
-
-    def enrich(self, message: InputRecord, item: tuple[str, Any]) -> None:
-        service = self.service
-        device, event = item
-        partition = message.partition
-        states = self.states[partition]
-        state = states[device] if device in states else self.bases[partition][device]
-        renews = self.renews.get(partition, {}).get(device, 0)
-        step, enriched = service.enricher.enrich(device, state, event, renews)
-        value = service.encode(enriched)
-        states[device] = step.state
-        self.offsets[partition][device] = message.offset
-        service.producer.produce(
-            service.settings.output_topic,
-            value=value,
-            key=message.key,
-            headers=message.headers,
-            timestamp=message.timestamp_ms,
-        )
-        outcome = self.outcome
-        if service.settings.session_events_topic:
-            for record in lifecycle.on_step(device, state, step):
-                self.publish(record, message.timestamp_ms)
-            if lifecycle.reopened(state, step):
-                outcome.sessions_reopened += 1
-        outcome.produced += 1
-        if step.started is not None:
-            cause = step.started.value
-            outcome.sessions_started[cause] = outcome.sessions_started.get(cause, 0) + 1
-        visibility = "background" if step.state.in_background else "foreground"
-        outcome.events_by_state[visibility] = outcome.events_by_state.get(visibility, 0) + 1
-        outcome.device_times_ms.append(event.facts.time_ms)
-        outcome.kafka_times_ms.append(message.timestamp_ms)
-
-    def end_expired(self, partition: int, expiring: Expiring) -> None:
-        """Declare ended the sessions of ``partition`` its watermark has passed: those of the
-        devices of this batch, and those ``expiring`` found among the others."""
-        if expiring.clock_ms is None:
-            return
-        watermark = expiring.clock_ms - self.service.lateness_ms
-        self.outcome.watermarks_ms[partition] = watermark
-        states, bases = self.states[partition], self.bases[partition]
-        for device, state in list(states.items()):
-            if lifecycle.expired(state, watermark):
-                states[device], record = lifecycle.declare_ended(device, state, watermark)
-                self.publish(record)
-        cache = self.service.owned[partition].cache
-        codec = self.service.store.codec
-        self.unscored[partition] = unscored = []
-        self.rescored[partition] = rescored = {}
-        for device, data in expiring.records.items():
-            if device in states:
-                continue
-            if device in cache:
-                committed: SessionState | None = cache[device]
-            elif data is None:
-                committed = None
-            else:
-                committed = codec.state_before(device, data, self.starts[partition])
-            if committed is None or committed.ended:
-                unscored.append(device)
-            elif lifecycle.expired(committed, watermark):
-                bases[device] = committed
-                states[device], record = lifecycle.declare_ended(device, committed, watermark)
-                self.offsets[partition][device] = self.ends[partition]
-                self.publish(record)
-            else:
-                rescored[device] = committed.expires_ms
-
-    def publish(self, record: SessionEvent, timestamp_ms: int | None = None) -> None:
-        """Produce one lifecycle record, keyed by its device, in the batch's transaction."""
-        service = self.service
-        service.producer.produce(
-            service.settings.session_events_topic,
-            value=service.codecs.encode_session(record),
-            key=record.device_id.encode(),
-            timestamp=timestamp_ms or 0,
-        )
-        if record.end is not None:
-            key = (record.end.cause.value, record.end.detected_by.value)
-            ended = self.outcome.sessions_ended
-            ended[key] = ended.get(key, 0) + 1
-
-    def save_states(self) -> None:
-        service = self.service
-        codec = service.store.codec
-        writes = {}
-        for partition in self.starts:
-            states = self.states[partition]
-            offsets = self.offsets[partition]
-            bases = self.bases[partition]
-            records = {
-                device: codec.pack(state, offsets[device], bases[device])
-                for device, state in states.items()
-            }
-            write = PartitionWrite(service.owned[partition].epoch, records)
-            expiring = self.expiring.get(partition)  # only with the lifecycle topic
-            if expiring is not None and expiring.clock_ms is not None:
-                scores = dict(self.rescored.get(partition, {}))
-                unscored = list(self.unscored.get(partition, []))
-                for device, state in states.items():
-                    score = _expiry_score(state, bases[device])
-                    if score is None:
-                        unscored.append(device)
-                    else:
-                        scores[device] = score
-                clock = (expiring.clock_ms, self.ends[partition], expiring.committed_ms)
-                write = write._replace(clock=clock, scores=scores, unscored=unscored)
-            writes[partition] = write
-        service.redis_call("save", lambda: service.store.save(writes))
-
-    def committed(self) -> None:
-        """After the commit: warm the caches and count what was published."""
-        service = self.service
-        for partition, end in self.ends.items():
-            owned = service.owned.get(partition)
-            if owned is not None:
-                owned.cache.update(self.states[partition])
-                owned.committed = end + 1
-        service.record(self.outcome)
-
-
-def _expiry_score(state: SessionState, base: SessionState | None) -> int | None:
-    """A device's score in the expiries: the earliest expiry of a session not declared ended,
-    whether this batch commits (``state``) or not (``base``); None if both are ended."""
-    open_expiries = [s.expires_ms for s in (state, base) if s is not None and not s.ended]
-    return min(open_expiries) if open_expiries else None
 
 
 class Service:
@@ -417,24 +53,55 @@ class Service:
         self.enricher = enricher
         self.store = store
         self.codecs = codecs
-        self.decode, self.encode = codecs.decode, codecs.encode
-        self.lateness_ms = round(settings.session_events_lateness * 1000)
         self.metrics = metrics
         self.kafka_timeout = max(10.0, settings.transaction_timeout_ms / 1000)
-        self.owned: dict[int, Owned] = {}
+        self.owned: dict[int, OwnedPartition] = {}
         self.stopping = threading.Event()
         self.healthy = {"kafka": False, "redis": False}
         self.on_progress: Callable[[], None] = lambda: None
         self._delay = _BACKOFF_START
-        self.sweeper = Sweeper(self)
+        self.aborted_batch: dict[int, int] = {}
+        """the first offsets of the last batch aborted, while no batch has committed since"""
+        self.aborts_in_a_row = 0
+        self.topics = Topics(
+            settings.input_topic,
+            settings.output_topic,
+            settings.dlq_topic,
+            settings.session_events_topic,
+        )
+        self.new_session_ends = session_ends.for_settings(
+            settings.session_events_topic, round(settings.session_events_lateness * 1000)
+        )
         metrics.consumer_info.labels(group=settings.group_id, topic=settings.input_topic).set(1)
         consumer_settings = consumer_config(settings)
         consumer_settings["stats_cb"] = self._observe_stats
         consumer_settings["error_cb"] = self._kafka_error
         self.consumer = Consumer(consumer_settings, logger=logging.getLogger("enricher.kafka"))
-        self.producer = Producer(
-            {**producer_config(settings), "error_cb": self._kafka_error},
-            logger=logging.getLogger("enricher.kafka"),
+        self.output = Output(
+            lambda on_delivery: Producer(
+                {
+                    **producer_config(settings),
+                    "error_cb": self._kafka_error,
+                    "on_delivery": on_delivery,
+                },
+                logger=logging.getLogger("enricher.kafka"),
+            ),
+            self.kafka_timeout,
+        )
+        self.producer = self.output.producer
+        self.decode = MessageDecoder(
+            codecs.decode,
+            settings.max_message_bytes,
+            round(settings.max_event_ahead * 1000),
+            self.output.refused,
+        )
+        self.sweeper = Sweeper(
+            store,
+            self.owned,
+            ttl_days=settings.state_ttl_days,
+            interval=settings.state_sweep_interval,
+            redis=self.redis_call,
+            expired=metrics.expired.inc,
         )
 
     # -- running ---------------------------------------------------------------------------
@@ -455,7 +122,7 @@ class Service:
                 messages = self.consumer.consume(
                     self.settings.batch_size, self.settings.batch_timeout_ms / 1000
                 )
-                batch = [InputRecord.of(m) for m in messages if self._usable(m)]
+                batch = [InputMessage.of(m) for m in messages if self._usable(m)]
                 if batch:
                     self.process(batch)
                 self._sweep()
@@ -483,9 +150,15 @@ class Service:
         detail = {"partitions": sorted(self.owned), **self.healthy}
         return bool(self.owned) and all(self.healthy.values()), detail
 
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        """Not live once the same batch has been aborted ``max_batch_aborts`` times in a row:
+        replaying it is not making progress, and a restart is the next thing to try."""
+        ok = self.aborts_in_a_row < self.settings.max_batch_aborts
+        return ok, {"batch_aborts_in_a_row": self.aborts_in_a_row}
+
     # -- one batch -------------------------------------------------------------------------
 
-    def process(self, messages: list[InputRecord]) -> None:
+    def process(self, messages: list[InputMessage]) -> None:
         """Commit one batch, or abort it, rewind, and back off before the next attempt.
 
         A failed batch is not retried in place: the main loop consumes it again from the
@@ -495,9 +168,23 @@ class Service:
         if not messages:
             return
         started = time.monotonic()
-        checkpoint = Checkpoint(self, messages)
+        checkpoint = Checkpoint(
+            messages,
+            output=self.output,
+            consumer=self.consumer,
+            store=self.store,
+            decode=self.decode,
+            enricher=self.enricher,
+            encode=self.codecs.encode,
+            encode_session=self.codecs.encode_session,
+            owned=self.owned,
+            session_ends=self.new_session_ends(),
+            topics=self.topics,
+            max_message_bytes=self.settings.max_message_bytes,
+            redis=self.redis_call,
+        )
         try:
-            checkpoint.run()
+            outcome = checkpoint.run()
         except Fenced as error:
             log.warning("fenced: another instance owns these partitions now: %s", error)
             self._abort(checkpoint)
@@ -507,7 +194,7 @@ class Service:
                 [TopicPartition(self.settings.input_topic, p) for p in error.partitions]
             )
             return
-        except (Unavailable, KafkaException, redis.RedisError) as error:
+        except (Unavailable, Refused, KafkaException, redis.RedisError) as error:
             self._abort(checkpoint)
             if isinstance(error, KafkaException) and error.args[0].fatal():
                 raise
@@ -516,8 +203,9 @@ class Service:
             self._delay = min(self._delay * 2, _BACKOFF_MAX)
             return
         self._delay = _BACKOFF_START
+        self.aborted_batch, self.aborts_in_a_row = {}, 0
         self._set_health("kafka", True)
-        checkpoint.committed()
+        self.count(outcome)
         self.metrics.transactions.labels(outcome="committed").inc()
         self.metrics.batch_size.observe(len(messages))
         self.metrics.batch_duration.observe(time.monotonic() - started)
@@ -533,62 +221,19 @@ class Service:
             log.info("sweep postponed: %s", error)
 
     def _abort(self, checkpoint: Checkpoint) -> None:
-        """Abort the transaction and rewind every partition of the batch to its first offset."""
-        if checkpoint.in_transaction:
+        """Abort the batch, counting how often the same batch failed in a row."""
+        if checkpoint.starts == self.aborted_batch:
+            self.aborts_in_a_row += 1
+        else:
+            self.aborted_batch, self.aborts_in_a_row = checkpoint.starts, 1
+        if checkpoint.abort():
             self.metrics.transactions.labels(outcome="aborted").inc()
-            try:
-                self.producer.abort_transaction(self.kafka_timeout)
-            except KafkaException as error:
-                if error.args[0].fatal():
-                    raise
-                log.warning("abort failed: %s", error)
-        for partition, start in checkpoint.starts.items():
-            owned = self.owned.get(partition)
-            if owned is not None:
-                owned.cache.clear()
-            try:
-                self.consumer.seek(TopicPartition(self.settings.input_topic, partition, start))
-            except KafkaException as error:
-                log.info("partition %d not rewound (no longer assigned): %s", partition, error)
 
-    def decode_message(self, message: InputRecord) -> tuple[str, Any] | BadInput:
-        key, value = message.key, message.value
-        try:
-            if not key:
-                raise BadInput("missing_key", "the record has no key (the device id)")
-            if value is None:
-                raise BadInput("not_json", "the record has no value")
-            if len(value) > self.settings.max_message_bytes:
-                raise BadInput(
-                    "oversize", f"{len(value)} bytes > {self.settings.max_message_bytes}"
-                )
-            try:
-                device = key.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadInput("missing_key", "the key is not UTF-8 text") from None
-            return device, self.decode(value)
-        except BadInput as error:
-            return error
-
-    def dead_letter(self, message: InputRecord, error: BadInput) -> None:
-        headers: Headers = list(message.headers or [])
-        headers += [
-            (DLQ_HEADER_PREFIX + "reason", error.reason.encode()),
-            (DLQ_HEADER_PREFIX + "message", error.detail[:1000].encode()),
-            (DLQ_HEADER_PREFIX + "topic", message.topic.encode()),
-            (DLQ_HEADER_PREFIX + "partition", str(message.partition).encode()),
-            (DLQ_HEADER_PREFIX + "offset", str(message.offset).encode()),
-        ]
-        self.producer.produce(
-            self.settings.dlq_topic,
-            value=message.value,
-            key=message.key,
-            headers=headers,
-            timestamp=message.timestamp_ms,
-        )
-
-    def record(self, outcome: Outcome) -> None:
+    def count(self, outcome: Outcome) -> None:
+        """The metrics of a committed batch."""
         m = self.metrics
+        m.cache.labels(result="hit").inc(outcome.cache_hits)
+        m.cache.labels(result="miss").inc(outcome.cache_misses)
         m.consumed.inc(outcome.consumed)
         m.produced.inc(outcome.produced)
         for reason, count in outcome.dead_lettered.items():
@@ -674,7 +319,7 @@ class Service:
         except KafkaException as error:
             log.info("partitions %s not resumed: %s", numbers, error)
         for partition, epoch in epochs.items():
-            self.owned[partition] = Owned(epoch)
+            self.owned[partition] = OwnedPartition(epoch)
         self.metrics.assigned.set(len(self.owned))
         log.info("assigned partitions %s (epochs %s)", numbers, epochs)
 
@@ -688,6 +333,7 @@ class Service:
         numbers = [tp.partition for tp in partitions]
         for partition in numbers:
             self.owned.pop(partition, None)
+        self.output.forget_partitions(numbers)
         self.metrics.forget_partitions(numbers)
         self.metrics.rebalances.labels(kind=kind).inc()
         self.metrics.assigned.set(len(self.owned))

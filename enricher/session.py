@@ -61,7 +61,9 @@ class Timeouts:
         foreground_ms, background_ms = foreground * 1000, background * 1000
         if not (math.isfinite(foreground_ms) and math.isfinite(background_ms)):
             raise ValueError("session timeouts must be finite")
-        return cls(round(foreground_ms), round(background_ms))
+        # The tracker compares a whole number of milliseconds with ``seconds * 1000``: a gap
+        # exceeds it exactly when it exceeds its floor.
+        return cls(math.floor(foreground_ms), math.floor(background_ms))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,31 +1,26 @@
-"""Device state in Redis: keys, the record format, the fenced write script.
+"""Device state in Redis: the keys of each partition, and the fenced, batched access to them.
 
 Layout, per input partition (one Redis Cluster slot each, through the hash tag):
 
-* ``<prefix>{<topic>:<partition>}:devices`` - a hash: device id -> packed record;
+* ``<prefix>{<topic>:<partition>}:devices`` - a hash: device id -> state record
+  (:mod:`enricher.records`);
 * ``<prefix>{<topic>:<partition>}:meta`` - a hash holding ``epoch``, the partition's fence,
-  and the partition's event-time clock for the session lifecycle topic;
+  and the partition's event-time clock for the session events topic;
 * ``<prefix>{<topic>:<partition>}:renews`` - a hash: device id -> renew requests;
 * ``<prefix>{<topic>:<partition>}:expiries`` - a sorted set of devices whose session may not
-  be declared ended yet, scored no later than its expiry (lifecycle topic only).
+  be declared ended yet, scored no later than its expiry (session events topic only).
 
-A record holds the device's state, the input offset of the last event applied to it, and the
-state before the batch that wrote it (the snapshot). A record whose offset is at or past the
-offset a batch starts from was written by a batch that never committed in Kafka (a crash, an
-abort, a zombie), so the snapshot is the state to start from instead. The write script checks
-the partition's epoch, bumped by every new owner, so a zombie cannot write at all once the
-partition has moved. The clock is kept the same way (its value, the offset of the batch that
-wrote it, and the value before that batch), and an expiry score is never later than the
-expiry of either the state or the snapshot of its device, so a replay finds every session it
-must end. ``docs/exactly-once.md`` walks through every crash point.
+Writes go through the fenced scripts of :mod:`enricher.scripts`: they check the partition's
+epoch, bumped by every new owner, so a zombie cannot write at all once the partition has moved.
+The clock is kept as the state records are (its value, the offset of the batch that wrote it,
+and the value before that batch), and an expiry score is never later than the expiry of either
+the state or the snapshot of its device, so a replay finds every session it must end.
+``docs/exactly-once.md`` walks through every crash point.
 """
 
 from __future__ import annotations
 
-import struct
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis
@@ -33,100 +28,12 @@ import redis.cluster
 
 from enricher.config import Settings
 from enricher.ids import IdDeriver
+from enricher.partitioning import kafka_partition
+from enricher.records import LAST_EVENT_AT, LATEST, NO_OFFSET, Record, RecordCodec
+from enricher.scripts import EXPIRING_SCRIPT, SWEEP_SCRIPT, WRITE_SCRIPT
 from enricher.session import SessionState
 
 RedisClient = redis.Redis | redis.cluster.RedisCluster
-
-RECORD_VERSION = 2
-NO_OFFSET = -1  # written by file mode: not tied to a stream position, always committed
-_LATEST = 2**63 - 1  # a batch start past every offset: take each record's latest state
-
-_HEADER = struct.Struct("<BBq")  # version, flags, offset
-# flags, session index, event index, background index, foreground index, renews applied,
-# ends declared, first event time, expiry, last event time (last: the sweep script reads it at
-# a fixed position)
-_STATE = struct.Struct("<BIIIIIIqqq")
-_HAS_SNAPSHOT = 1
-_IN_BACKGROUND = 1
-_HAS_PREVIOUS = 2
-_TEXT_EVENT_ID = 4
-_ENDED = 8
-
-# Every script takes KEYS = devices hash, meta hash, expiries sorted set.
-_FENCE = """
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if epoch ~= ARGV[1] then
-  return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
-end
-"""
-
-# Fenced batch write. ARGV = epoch, clock, clock offset, clock before (clock '': leave it;
-# clock before '': none), number of records, number of scores, then device, record, ...,
-# then score, device, ..., then devices to drop from the expiries.
-_WRITE_SCRIPT = (
-    _FENCE
-    + """
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[2], 'clock', ARGV[2], 'clock_offset', ARGV[3])
-  if ARGV[4] == '' then
-    redis.call('HDEL', KEYS[2], 'clock_before')
-  else
-    redis.call('HSET', KEYS[2], 'clock_before', ARGV[4])
-  end
-end
-local records_end = 6 + 2 * tonumber(ARGV[5])
-local scores_end = records_end + 2 * tonumber(ARGV[6])
-for i = 7, records_end, 1000 do
-  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, records_end)))
-end
-for i = records_end + 1, scores_end, 1000 do
-  redis.call('ZADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, scores_end)))
-end
-for i = scores_end + 1, #ARGV, 1000 do
-  redis.call('ZREM', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-return tonumber(ARGV[5])
-"""
-)
-
-# The committed clock, the clock advanced by a batch, and the devices that may have expired
-# by its watermark, with their records. ARGV = batch start offset, the batch's own clock (''
-# if it has none), lateness, most devices to return. Returns {committed clock or false,
-# clock or false, devices, records}.
-_EXPIRING_SCRIPT = """
-local meta = redis.call('HMGET', KEYS[2], 'clock', 'clock_offset', 'clock_before')
-local clock, at, before = meta[1], meta[2], meta[3]
-if clock and tonumber(at) >= tonumber(ARGV[1]) then clock = before end
-local newest, batch = tonumber(clock), tonumber(ARGV[2])
-if batch and (not newest or batch > newest) then newest = batch end
-if not newest then return {false, false, {}, {}} end
-local watermark = string.format('%.0f', newest - tonumber(ARGV[3]))
-local devices = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. watermark, 'LIMIT', 0, ARGV[4])
-local records = {}
-if #devices > 0 then records = redis.call('HMGET', KEYS[1], unpack(devices)) end
-return {clock or false, string.format('%.0f', newest), devices, records}
-"""
-
-
-# Expiry of quiet devices, a slice at a time. ARGV = epoch, HSCAN cursor, cutoff (epoch ms),
-# slice size, 1-based position of the last event time in a record. Returns {next cursor,
-# deleted}.
-_SWEEP_SCRIPT = (
-    _FENCE
-    + """
-local scan = redis.call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[4])
-local items, deleted, cutoff, at = scan[2], 0, tonumber(ARGV[3]), tonumber(ARGV[5])
-for i = 1, #items, 2 do
-  if struct.unpack('<i8', items[i + 1], at) < cutoff then
-    redis.call('HDEL', KEYS[1], items[i])
-    redis.call('ZREM', KEYS[3], items[i])
-    deleted = deleted + 1
-  end
-end
-return {scan[1], deleted}
-"""
-)
-_LAST_EVENT_AT = _HEADER.size + _STATE.size - 8 + 1
 
 
 class ClockQuery(NamedTuple):
@@ -180,19 +87,6 @@ class Fenced(RuntimeError):
         super().__init__(f"fenced out of partitions {self.partitions}")
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One device's stored state, as of input ``offset``, and the state before that batch."""
-
-    state: SessionState
-    offset: int
-    snapshot: SessionState | None
-
-    def state_before(self, batch_start: int) -> SessionState | None:
-        """The committed state to start a batch at ``batch_start`` from."""
-        return self.state if self.offset < batch_start else self.snapshot
-
-
 def connect(settings: Settings) -> RedisClient:
     """A client for the configured Redis (single node or cluster, TLS with ``rediss://``)."""
     options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5}
@@ -222,134 +116,6 @@ def keys_of(keys: PartitionKeys) -> tuple[str, str, str]:
 def partition_keys(prefix: str, topic: str, partition: int) -> PartitionKeys:
     tag = f"{prefix}{{{topic}:{partition}}}"
     return PartitionKeys(f"{tag}:devices", f"{tag}:meta", f"{tag}:renews", f"{tag}:expiries")
-
-
-class RecordCodec:
-    """Packs device records into compact bytes and back.
-
-    User and session ids are not stored: they are derived from the salt, so only the inputs
-    of the derivation are (the first event id and the session index).
-    """
-
-    __slots__ = ("_ids",)
-
-    def __init__(self, ids: IdDeriver) -> None:
-        self._ids = ids
-
-    def pack(self, state: SessionState, offset: int, snapshot: SessionState | None) -> bytes:
-        flags = _HAS_SNAPSHOT if snapshot is not None else 0
-        parts = [_HEADER.pack(RECORD_VERSION, flags, offset), _pack_state(state)]
-        if snapshot is not None:
-            parts.append(_pack_state(snapshot))
-        return b"".join(parts)
-
-    def unpack(self, device_id: str, data: bytes) -> Record:
-        flags, offset = self._header(device_id, data)
-        state, end = self._unpack_state(device_id, data, _HEADER.size)
-        snapshot = None
-        if flags & _HAS_SNAPSHOT:
-            snapshot, end = self._unpack_state(device_id, data, end)
-        return Record(state, offset, snapshot)
-
-    def state_before(self, device_id: str, data: bytes, batch_start: int) -> SessionState | None:
-        """``unpack(...).state_before(batch_start)``, unpacking only that state."""
-        flags, offset = self._header(device_id, data)
-        if offset < batch_start:
-            return self._unpack_state(device_id, data, _HEADER.size)[0]
-        if not flags & _HAS_SNAPSHOT:
-            return None
-        return self._unpack_state(device_id, data, _state_end(data, _HEADER.size))[0]
-
-    @staticmethod
-    def _header(device_id: str, data: bytes) -> tuple[int, int]:
-        version, flags, offset = _HEADER.unpack_from(data)
-        if version != RECORD_VERSION:
-            raise ValueError(f"device {device_id!r}: record version {version} is not supported")
-        return flags, offset
-
-    def _unpack_state(self, device_id: str, data: bytes, start: int) -> tuple[SessionState, int]:
-        (
-            flags,
-            index,
-            events,
-            background,
-            foreground,
-            renews,
-            ends,
-            first_ms,
-            expires_ms,
-            last_ms,
-        ) = _STATE.unpack_from(data, start)
-        at = start + _STATE.size
-        if flags & _TEXT_EVENT_ID:
-            size = data[at]
-            first_event_id = data[at + 1 : at + 1 + size].decode()
-            at += 1 + size
-        else:
-            first_event_id = str(uuid.UUID(bytes=data[at : at + 16]))
-            at += 16
-        previous = None
-        if flags & _HAS_PREVIOUS:
-            previous = str(uuid.UUID(bytes=data[at : at + 16]))
-            at += 16
-        state = SessionState(
-            user_id=self._ids.user_id(device_id),
-            session_id=self._ids.session_id(device_id, index, first_event_id),
-            session_index=index,
-            previous_session_id=previous,
-            event_index=events,
-            first_event_id=first_event_id,
-            first_event_ms=first_ms,
-            last_event_ms=last_ms,
-            in_background=bool(flags & _IN_BACKGROUND),
-            background_index=background,
-            foreground_index=foreground,
-            renews_applied=renews,
-            expires_ms=expires_ms,
-            ended=bool(flags & _ENDED),
-            ends_declared=ends,
-        )
-        return state, at
-
-
-def _state_end(data: bytes, start: int) -> int:
-    """Where the packed state at ``start`` ends."""
-    flags = data[start]
-    at = start + _STATE.size
-    at += 1 + data[at] if flags & _TEXT_EVENT_ID else 16
-    return at + 16 if flags & _HAS_PREVIOUS else at
-
-
-def _pack_state(state: SessionState) -> bytes:
-    flags = (_IN_BACKGROUND if state.in_background else 0) | (_ENDED if state.ended else 0)
-    event_id = state.first_event_id
-    canonical = str(uuid.UUID(event_id)) == event_id
-    if not canonical:
-        flags |= _TEXT_EVENT_ID
-    if state.previous_session_id is not None:
-        flags |= _HAS_PREVIOUS
-    parts = [
-        _STATE.pack(
-            flags,
-            state.session_index,
-            state.event_index,
-            state.background_index,
-            state.foreground_index,
-            state.renews_applied,
-            state.ends_declared,
-            state.first_event_ms,
-            state.expires_ms,
-            state.last_event_ms,
-        )
-    ]
-    if canonical:
-        parts.append(uuid.UUID(event_id).bytes)
-    else:
-        encoded = event_id.encode()
-        parts.append(bytes([len(encoded)]) + encoded)
-    if state.previous_session_id is not None:
-        parts.append(uuid.UUID(state.previous_session_id).bytes)
-    return b"".join(parts)
 
 
 class PartitionStore:
@@ -397,7 +163,7 @@ class PartitionStore:
             keys = self.keys(partition)
             batch_clock = "" if query.batch_clock_ms is None else query.batch_clock_ms
             args = (query.start, batch_clock, query.lateness_ms, query.limit)
-            pipe.execute_command("EVAL", _EXPIRING_SCRIPT, 3, *keys_of(keys), *args)
+            pipe.execute_command("EVAL", EXPIRING_SCRIPT, 3, *keys_of(keys), *args)
         replies = iter(pipe.execute())
         states: dict[int, dict[str, SessionState]] = {p: {} for p in wanted}
         for partition, start, devices in requests:
@@ -437,13 +203,18 @@ class PartitionStore:
         record = self.codec.unpack(device, data) if data is not None else None
         return record, int(renews or 0)
 
-    def _fenced_scripts(self, calls: Mapping[int, tuple[str, list[Any]]]) -> dict[int, Any]:
+    def _fenced_scripts(
+        self, calls: Mapping[int, tuple[str, list[Any]]], *, renews: bool = False
+    ) -> dict[int, Any]:
         """Run one fenced script per partition (``{partition: (script, args)}``), pipelined;
-        the replies by partition. Raises :class:`Fenced` naming every partition whose epoch
-        moved on (the scripts of the others have run)."""
+        the replies by partition. The scripts take the keys every script takes, and with
+        ``renews`` the renews hash after them. Raises :class:`Fenced` naming every partition
+        whose epoch moved on (the scripts of the others have run)."""
         pipe = self.client.pipeline(transaction=False)
         for partition, (script, args) in calls.items():
-            pipe.execute_command("EVAL", script, 3, *keys_of(self.keys(partition)), *args)
+            keys = self.keys(partition)
+            names = [*keys_of(keys), keys.renews] if renews else keys_of(keys)
+            pipe.execute_command("EVAL", script, len(names), *names, *args)
         replies: dict[int, Any] = {}
         fenced = []
         for partition, reply in zip(calls, pipe.execute(raise_on_error=False), strict=True):
@@ -473,7 +244,7 @@ class PartitionStore:
             for device, score in write.scores.items():
                 args += (score, device)
             args += write.unscored
-            calls[partition] = (_WRITE_SCRIPT, args)
+            calls[partition] = (WRITE_SCRIPT, args)
         self._fenced_scripts(calls)
 
     def sweep(
@@ -481,57 +252,26 @@ class PartitionStore:
     ) -> dict[int, tuple[int, int]]:
         """Delete devices whose last event is older than ``cutoff_ms``, one HSCAN slice per
         partition: ``{partition: (epoch, cursor)}`` -> ``{partition: (next cursor, deleted)}``.
-        A cursor of 0 after the first slice means the partition's sweep is complete."""
+        A cursor of 0 after the first slice means the partition's sweep is complete. Renew
+        counters go with their devices, and those of devices without state go too."""
         calls = {
-            partition: (_SWEEP_SCRIPT, [epoch, cursor, cutoff_ms, count, _LAST_EVENT_AT])
+            partition: (SWEEP_SCRIPT, [epoch, cursor, cutoff_ms, count, LAST_EVENT_AT])
             for partition, (epoch, cursor) in slices.items()
         }
-        replies = self._fenced_scripts(calls)
+        replies = self._fenced_scripts(calls, renews=True)
         return {p: (int(reply[0]), int(reply[1])) for p, reply in replies.items()}
 
 
-def kafka_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default (murmur2) partitioner gives a key."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+class FileModeStore:
+    """File mode's view of the service's state (``enricher batch --redis-url``): devices found
+    by Kafka's partitioner.
 
-
-def murmur2(data: bytes) -> int:
-    """Kafka's 32-bit murmur2 hash (seed 0x9747b28c), as a signed int."""
-    m = 0x5BD1E995
-    length = len(data)
-    h = (0x9747B28C ^ length) & 0xFFFFFFFF
-    whole = length - length % 4
-    for i in range(0, whole, 4):
-        k = int.from_bytes(data[i : i + 4], "little")
-        k = (k * m) & 0xFFFFFFFF
-        k ^= k >> 24
-        k = (k * m) & 0xFFFFFFFF
-        h = ((h * m) & 0xFFFFFFFF) ^ k
-    tail = length % 4
-    if tail == 3:
-        h ^= data[whole + 2] << 16
-    if tail >= 2:
-        h ^= data[whole + 1] << 8
-    if tail >= 1:
-        h ^= data[whole]
-        h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 15
-    return h - (1 << 32) if h & 0x80000000 else h
-
-
-class BatchRedisStore:
-    """File mode's view of the service's state: devices found by Kafka's partitioner.
-
-    File-mode writes are not fenced and carry no stream offset; do not run a batch against
-    partitions a running service owns.
+    File-mode writes are not fenced and carry no stream offset; do not run ``enricher batch``
+    against partitions a running service owns.
     """
 
-    def __init__(self, client: RedisClient, settings: Settings, *, partitions: int) -> None:
-        self.store = PartitionStore(
-            client, settings.redis_key_prefix, settings.input_topic, IdDeriver(settings.salt)
-        )
+    def __init__(self, store: PartitionStore, *, partitions: int) -> None:
+        self.store = store
         self.partitions = partitions
 
     def _partition(self, device: str) -> int:
@@ -541,7 +281,7 @@ class BatchRedisStore:
         by_partition: dict[int, list[str]] = {}
         for device in devices:
             by_partition.setdefault(self._partition(device), []).append(device)
-        wanted = {p: (_LATEST, ds) for p, ds in by_partition.items()}
+        wanted = {p: (LATEST, ds) for p, ds in by_partition.items()}
         loaded = self.store.load(wanted).states
         return {d: s for states in loaded.values() for d, s in states.items()}
 

@@ -14,8 +14,8 @@ import fastavro
 import pytest
 from support import START_MS, event_id, tracker_event
 
-from enricher import formats, lifecycle
-from enricher.codecs import avro, registry, session_events, tracker
+from enricher import lifecycle
+from enricher.codecs import avro, factory, registry, session_events, tracker
 from enricher.config import Settings
 from enricher.enrich import Enricher
 from enricher.errors import BadInput, Unavailable
@@ -112,7 +112,7 @@ def test_enriched_and_session_events_carry_their_registered_ids(
         output_format="avro-registry",
         schema_registry_url=url,
     )
-    codecs = formats.codecs(settings)
+    codecs = factory.codecs(settings)
     enricher = Enricher(SessionEngine(SessionConfig(salt="s")))
     step, enriched = enricher.enrich("d", None, tracker.from_fields(tracker_event(EID, START_MS)))
     first, second = codecs.encode(enriched), codecs.encode(enriched)

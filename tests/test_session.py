@@ -353,6 +353,22 @@ def test_timeouts_from_seconds() -> None:
 
 
 @pytest.mark.parametrize(
+    ("seconds", "gap_ms", "renews"),
+    [(0.0015, 1, False), (0.0015, 2, True), (1.9999, 1999, False), (1.9999, 2000, True)],
+)
+def test_a_fractional_timeout_cuts_where_the_tracker_does(
+    seconds: float, gap_ms: int, renews: bool
+) -> None:
+    """The tracker asks ``gap > seconds * 1000`` of a whole number of milliseconds."""
+    assert (gap_ms > seconds * 1000) is renews
+    config = SessionConfig(salt="s", timeouts=Timeouts.from_seconds(seconds, seconds))
+    engine = SessionEngine(config)
+    first = engine.advance("d", None, EventFacts(event_id(1), START_MS)).state
+    step = engine.advance("d", first, EventFacts(event_id(2), START_MS + gap_ms))
+    assert (step.state.session_index == 2) is renews
+
+
+@pytest.mark.parametrize(
     ("foreground", "background"), [(-1, 10), (10, -0.001), (math.nan, 10), (10, math.inf)]
 )
 def test_timeouts_must_be_finite_and_not_negative(foreground: float, background: float) -> None:

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enricher.ids import IdDeriver
+from enricher.partitioning import kafka_partition, murmur2
+from enricher.records import NO_OFFSET, RecordCodec
 from enricher.session import SessionState
-from enricher.store import NO_OFFSET, RecordCodec, kafka_partition, murmur2
 
 IDS = IdDeriver("salt")
 TIME_MS = st.integers(min_value=0, max_value=253402300799999)

@@ -1,4 +1,4 @@
-"""Wire formats by name: how input values are decoded and output values encoded."""
+"""Wire formats by name: the decoder for the input format and the encoders for the output format."""
 
 from __future__ import annotations
 

@@ -15,17 +15,10 @@ from stack import Stack
 
 from enricher import generate
 from enricher.codecs import tracker
-from enricher.config import Settings
 from enricher.ids import IdDeriver
+from enricher.partitioning import kafka_partition
 from enricher.session import SessionState
-from enricher.store import (
-    BatchRedisStore,
-    ClockQuery,
-    Fenced,
-    PartitionStore,
-    PartitionWrite,
-    kafka_partition,
-)
+from enricher.store import ClockQuery, Fenced, FileModeStore, PartitionStore, PartitionWrite
 
 pytestmark = pytest.mark.integration
 IDS = IdDeriver("salt")
@@ -105,6 +98,23 @@ def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
         store.sweep({2: (epoch - 1, 0)}, now_ms, 10)
 
 
+def test_the_sweep_drops_the_renew_counters_of_devices_without_state(
+    store: PartitionStore,
+) -> None:
+    epoch = store.fence([5])[5]
+    now_ms = int(time.time() * 1000)
+    records = {
+        "old": store.codec.pack(state("old", 1, now_ms - 10 * 86_400_000), 1, None),
+        "new": store.codec.pack(state("new", 1, now_ms), 1, None),
+    }
+    store.save({5: PartitionWrite(epoch, records)})
+    for device in ("old", "new", "never-seen"):
+        store.request_renew(5, device)
+    assert store.sweep({5: (epoch, 0)}, now_ms - 86_400_000, 200) == {5: (0, 1)}
+    renews = store.client.hgetall(store.keys(5).renews)
+    assert renews == {b"new": b"1"}
+
+
 def test_file_mode_finds_devices_where_the_service_keeps_them(stack: Stack) -> None:
     topics = stack.new_topics("store", partitions=6)
     devices = [f"device-{i}" for i in range(40)]
@@ -128,9 +138,10 @@ def test_file_mode_finds_devices_where_the_service_keeps_them(stack: Stack) -> N
     assert seen == {d: kafka_partition(d.encode(), 6) for d in devices}
 
     prefix = stack.redis_prefix()
-    settings = Settings(redis_key_prefix=prefix, input_topic=topics.input, salt="salt")
-    batch_store = BatchRedisStore(stack.redis(), settings, partitions=6)
-    batch_store.save({d: state(d, 4, 5000) for d in devices})
+    file_store = FileModeStore(
+        PartitionStore(stack.redis(), prefix, topics.input, IDS), partitions=6
+    )
+    file_store.save({d: state(d, 4, 5000) for d in devices})
     service_view = PartitionStore(stack.redis(), prefix, topics.input, IDS)
     for device, partition in seen.items():
         assert service_view.load({partition: (0, [device])}).states[partition] == {

@@ -1,0 +1,365 @@
+"""The commit protocol of one batch: consume -> enrich -> produce, exactly once.
+
+A :class:`Checkpoint` is handed everything it works with: the output (the transactional
+producer), the consumer (its group metadata, and where to rewind), the store, the decoder, the
+enricher and encoders, the owned partitions and the batch's session ends. It holds no service.
+``docs/exactly-once.md`` explains why each crash point is safe. Its steps:
+
+1. ``begin``: decode the messages; read the committed state of the batch's devices (cache,
+   else Redis, using each record's snapshot when the record was written by a batch that never
+   committed); begin the Kafka transaction;
+2. ``enrich``: in input order, enrich each event and produce the enriched and dead-letter
+   records, and the session events each event causes, inside the transaction;
+3. ``commit``: declare ended the sessions the partitions' watermarks have passed; write the new
+   state to Redis, fenced by each partition's epoch, each record carrying the state it started
+   from; wait for the deliveries; add the input offsets to the transaction and commit it; warm
+   the caches.
+
+``abort`` from any step before the commit completes aborts the transaction and rewinds the
+consumer to the batch's first offsets: the replay reads the same snapshots and, with derived
+ids, produces byte-identical output. Each step checks the checkpoint's :class:`Status`; a step
+out of order raises :class:`IllegalTransition`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from enricher.codecs.tracker import TrackerEvent
+from enricher.deadletter import ProducerRecord, dead_letter, record_size
+from enricher.enrich import Enriched, Enricher
+from enricher.errors import BadInput
+from enricher.intake import Decoded, InputMessage
+from enricher.lifecycle import SessionEvent
+from enricher.output import Output
+from enricher.records import RecordCodec
+from enricher.session import SessionState
+from enricher.session_ends import BatchSessionEnds, CommittedState, PartitionBatch
+from enricher.store import Loaded, PartitionWrite
+
+T = TypeVar("T")
+log = logging.getLogger("enricher.checkpoint")
+
+
+class Status(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    """states loaded, transaction begun"""
+    ENRICHED = "enriched"
+    """every message produced as an enriched record or a dead letter"""
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+class IllegalTransition(RuntimeError):
+    """A checkpoint step called out of order."""
+
+
+@dataclass(slots=True)
+class OwnedPartition:
+    """A partition this instance owns: its fencing epoch, the offset committed last, its warm
+    state cache, its state-TTL sweep cursor."""
+
+    epoch: int
+    committed: int = -1
+    cache: dict[str, SessionState] = field(default_factory=dict)
+    sweep_cursor: int | None = None
+
+
+class Topics(NamedTuple):
+    input: str
+    output: str
+    dead_letters: str
+    session_events: str
+
+
+class Store(Protocol):
+    """What a checkpoint uses of :class:`~enricher.store.PartitionStore`."""
+
+    codec: RecordCodec
+
+    def load(
+        self,
+        wanted: Mapping[int, tuple[int, Any]],
+        renews_of: Mapping[int, Any] | None = None,
+        clocks: Mapping[int, Any] | None = None,
+    ) -> Loaded: ...
+
+    def save(self, writes: Mapping[int, PartitionWrite]) -> None: ...
+
+
+class Consumer(Protocol):
+    """What a checkpoint uses of ``confluent_kafka.Consumer``."""
+
+    def consumer_group_metadata(self) -> object: ...
+
+    def seek(self, partition: TopicPartition) -> None: ...
+
+
+RedisCall = Callable[[str, Callable[[], T]], T]
+"""Runs one Redis operation by name (the service counts and times it, and raises
+:class:`~enricher.errors.Unavailable` when Redis fails)"""
+
+
+def direct(_operation: str, call: Callable[[], T]) -> T:
+    return call()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a batch produced, for the metrics once it commits."""
+
+    consumed: int = 0
+    produced: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    sessions_started: dict[str, int] = field(default_factory=dict)
+    events_by_state: dict[str, int] = field(default_factory=dict)
+    device_times_ms: list[int] = field(default_factory=list)
+    kafka_times_ms: list[int] = field(default_factory=list)
+    sessions_ended: dict[tuple[str, str], int] = field(default_factory=dict)
+    """by (cause, detected by)"""
+    sessions_reopened: int = 0
+    watermarks_ms: dict[int, int] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class Checkpoint:
+    """One batch on its way to a commit. The order of its steps is the exactly-once protocol."""
+
+    def __init__(
+        self,
+        messages: Sequence[InputMessage],
+        *,
+        output: Output,
+        consumer: Consumer,
+        store: Store,
+        decode: Callable[[InputMessage], Decoded],
+        enricher: Enricher,
+        encode: Callable[[Enriched], bytes],
+        encode_session: Callable[[SessionEvent], bytes],
+        owned: Mapping[int, OwnedPartition],
+        session_ends: BatchSessionEnds,
+        topics: Topics,
+        max_message_bytes: int,
+        redis: RedisCall[Any] = direct,
+    ) -> None:
+        self.messages = messages
+        self.output = output
+        self.consumer = consumer
+        self.store = store
+        self.decode = decode
+        self.enricher = enricher
+        self.encode = encode
+        self.encode_session = encode_session
+        self.owned = owned
+        self.ends = session_ends
+        self.topics = topics
+        self.max_message_bytes = max_message_bytes
+        self.redis = redis
+        self.status = Status.NEW
+        self.partitions: dict[int, PartitionBatch] = {}
+        for message in messages:
+            batch = self.partitions.get(message.partition)
+            if batch is None:
+                self.partitions[message.partition] = PartitionBatch(message.offset, message.offset)
+            else:
+                batch.end = message.offset
+        self.renews: dict[int, dict[str, int]] = {}
+        self.decoded: list[Decoded] = []
+        self.outcome = Outcome(consumed=len(messages))
+        self._in_transaction = False
+        self._refusals = 0
+
+    @property
+    def starts(self) -> dict[int, int]:
+        """Each partition's first offset in the batch."""
+        return {p: batch.start for p, batch in self.partitions.items()}
+
+    def _require(self, expected: Status, step: str) -> None:
+        if self.status is not expected:
+            raise IllegalTransition(f"{step} when {self.status.value}, not {expected.value}")
+
+    def run(self) -> Outcome:
+        """Every step to the commit; raises if the batch must be aborted and replayed."""
+        self.begin()
+        self.enrich()
+        self.commit()
+        return self.outcome
+
+    def begin(self) -> None:
+        """Step 1: decode the messages, load their devices' states, begin the transaction."""
+        self._require(Status.NEW, "begin")
+        self.decoded = [self.decode(m) for m in self.messages]
+        self._load()
+        self._refusals = self.output.begin()
+        self._in_transaction = True
+        self.status = Status.OPEN
+
+    def _load(self) -> None:
+        missing: dict[int, set[str]] = {}
+        for message, item in zip(self.messages, self.decoded, strict=True):
+            if isinstance(item, BadInput):
+                continue
+            partition, (device, event) = message.partition, item
+            self.ends.observe(partition, event.facts.time_ms, message.timestamp_ms)
+            starting = self.partitions[partition].starting
+            if device in starting:
+                continue
+            cache = self.owned[partition].cache
+            if device in cache:
+                starting[device] = cache[device]
+                self.outcome.cache_hits += 1
+            else:
+                starting[device] = None
+                missing.setdefault(partition, set()).add(device)
+        self.outcome.cache_misses = sum(map(len, missing.values()))
+        wanted = {p: (self.partitions[p].start, devices) for p, devices in missing.items()}
+        seen = {p: list(batch.starting) for p, batch in self.partitions.items() if batch.starting}
+        queries = self.ends.queries(self.starts)
+        loaded = self.redis("load", lambda: self.store.load(wanted, seen, queries))
+        for partition, states in loaded.states.items():
+            self.partitions[partition].starting.update(states)
+        self.renews = loaded.renews
+        self.ends.loaded(loaded.expiring)
+
+    def enrich(self) -> None:
+        """Step 2: every message to the output or the dead-letter topic, in input order."""
+        self._require(Status.OPEN, "enrich")
+        for message, item in zip(self.messages, self.decoded, strict=True):
+            try:
+                if isinstance(item, BadInput):
+                    raise item
+                self._enrich_one(message, *item)
+            except BadInput as error:
+                self._dead_letter(message, error)
+                reasons = self.outcome.dead_lettered
+                reasons[error.reason] = reasons.get(error.reason, 0) + 1
+        self.status = Status.ENRICHED
+
+    def _enrich_one(self, message: InputMessage, device: str, event: TrackerEvent) -> None:
+        """Enrich one event and produce it; raises :class:`BadInput` (the state untouched)
+        when its enriched record cannot be published."""
+        batch = self.partitions[message.partition]
+        states = batch.states
+        state = states[device] if device in states else batch.starting[device]
+        renews = self.renews.get(message.partition, {}).get(device, 0)
+        step, enriched = self.enricher.enrich(device, state, event, renews)
+        value = self.encode(enriched)
+        size = record_size(message.key, value, message.headers)
+        if size > self.max_message_bytes:
+            raise BadInput(
+                "oversize", f"the enriched record is {size} bytes > {self.max_message_bytes}"
+            )
+        self.output.send(
+            self.topics.output,
+            ProducerRecord(message.key, value, message.headers or []),
+            message.timestamp_ms,
+            (message.partition, message.offset),
+        )
+        states[device] = step.state
+        batch.offsets[device] = message.offset
+        session_events, reopened = self.ends.on_event(device, state, step)
+        for session_event in session_events:
+            self._publish(session_event, message.timestamp_ms)
+        outcome = self.outcome
+        outcome.sessions_reopened += reopened
+        outcome.produced += 1
+        if step.started is not None:
+            cause = step.started.value
+            outcome.sessions_started[cause] = outcome.sessions_started.get(cause, 0) + 1
+        visibility = "background" if step.state.in_background else "foreground"
+        outcome.events_by_state[visibility] = outcome.events_by_state.get(visibility, 0) + 1
+        outcome.device_times_ms.append(event.facts.time_ms)
+        outcome.kafka_times_ms.append(message.timestamp_ms)
+
+    def _dead_letter(self, message: InputMessage, error: BadInput) -> None:
+        letter = dead_letter(
+            ProducerRecord(message.key, message.value, message.headers or []),
+            error,
+            (message.topic, message.partition, message.offset),
+            self.max_message_bytes,
+        )
+        self.output.send(self.topics.dead_letters, letter, message.timestamp_ms)
+
+    def _publish(self, event: SessionEvent, timestamp_ms: int | None = None) -> None:
+        """Produce one session event, keyed by its device, in the batch's transaction."""
+        record = ProducerRecord(event.device_id.encode(), self.encode_session(event), [])
+        self.output.send(self.topics.session_events, record, timestamp_ms or 0)
+        if event.end is not None:
+            key = (event.end.cause.value, event.end.detected_by.value)
+            ended = self.outcome.sessions_ended
+            ended[key] = ended.get(key, 0) + 1
+
+    def commit(self) -> None:
+        """Step 3: end what the watermarks passed, write the states, commit the transaction."""
+        self._require(Status.ENRICHED, "commit")
+        for partition, batch in self.partitions.items():
+            committed = self._committed_in(partition, batch)
+            for event in self.ends.pass_watermark(partition, batch, committed):
+                self._publish(event)
+        self.outcome.watermarks_ms = self.ends.watermarks_ms
+        self._save()
+        self.output.await_deliveries(self._refusals)
+        ends = {p: batch.end for p, batch in self.partitions.items()}
+        self.output.commit(self.topics.input, ends, self.consumer.consumer_group_metadata())
+        self._in_transaction = False
+        self.status = Status.COMMITTED
+        for partition, batch in self.partitions.items():
+            owned = self.owned.get(partition)
+            if owned is not None:
+                owned.cache.update(batch.states)
+                owned.committed = batch.end + 1
+        self.output.forget((m.partition, m.offset) for m in self.messages)
+
+    def _committed_in(self, partition: int, batch: PartitionBatch) -> CommittedState:
+        """The committed state of a device of the partition, from the cache or from its
+        packed record."""
+        cache = self.owned[partition].cache
+
+        def committed(device: str, data: bytes | None) -> SessionState | None:
+            if device in cache:
+                return cache[device]
+            if data is None:
+                return None
+            return self.store.codec.state_before(device, data, batch.start)
+
+        return committed
+
+    def _save(self) -> None:
+        codec = self.store.codec
+        writes = {}
+        for partition, batch in self.partitions.items():
+            records = {
+                device: codec.pack(state, batch.offsets[device], batch.starting[device])
+                for device, state in batch.states.items()
+            }
+            write = PartitionWrite(self.owned[partition].epoch, records)
+            writes[partition] = self.ends.write(partition, batch, write)
+        self.redis("save", lambda: self.store.save(writes))
+
+    def abort(self) -> bool:
+        """Abort the transaction (if begun), drop the caches of the batch's partitions, which
+        may hold states the abort undid, and rewind each partition to its first offset.
+        Returns whether a transaction was aborted."""
+        if self.status in (Status.COMMITTED, Status.ABORTED):
+            raise IllegalTransition(f"abort when {self.status.value}")
+        self.status = Status.ABORTED
+        aborted, self._in_transaction = self._in_transaction, False
+        if aborted:
+            self.output.abort()
+        for partition, batch in self.partitions.items():
+            owned = self.owned.get(partition)
+            if owned is not None:
+                owned.cache.clear()
+            try:
+                self.consumer.seek(TopicPartition(self.topics.input, partition, batch.start))
+            except KafkaException as error:
+                log.info("partition %d not rewound (no longer assigned): %s", partition, error)
+        return aborted

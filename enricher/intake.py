@@ -1,0 +1,92 @@
+"""Consumed messages and their admission: which become events, which dead letters, and why.
+
+Pure: :class:`MessageDecoder` turns an :class:`InputMessage` into the device id and the event,
+or the :class:`~enricher.errors.BadInput` that sends the message to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import Message
+
+from enricher.codecs.tracker import TrackerEvent
+from enricher.deadletter import Headers, record_size
+from enricher.enrich import check_not_ahead
+from enricher.errors import BadInput
+
+Decoded = tuple[str, TrackerEvent] | BadInput
+
+
+@dataclass(frozen=True, slots=True)
+class InputMessage:
+    """The parts of a consumed Kafka message the service uses, read once."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers | None
+    timestamp_ms: int
+
+    @classmethod
+    def of(cls, message: Message) -> InputMessage:
+        headers = message.headers()
+        return cls(
+            topic=message.topic() or "",
+            partition=message.partition() or 0,
+            offset=message.offset() or 0,
+            key=_as_bytes(message.key()),
+            value=_as_bytes(message.value()),
+            headers=list(headers.items()) if isinstance(headers, dict) else headers,
+            timestamp_ms=message.timestamp()[1],
+        )
+
+
+def _as_bytes(data: str | bytes | None) -> bytes | None:
+    return data.encode() if isinstance(data, str) else data
+
+
+class MessageDecoder:
+    """Decodes messages with the input format's decoder, within the service's limits."""
+
+    def __init__(
+        self,
+        decode: Callable[[bytes], TrackerEvent],
+        max_message_bytes: int,
+        max_ahead_ms: int,
+        refused: Callable[[int, int], str | None] = lambda _partition, _offset: None,
+    ) -> None:
+        self.decode = decode
+        self.max_message_bytes = max_message_bytes
+        self.max_ahead_ms = max_ahead_ms
+        self.refused = refused
+        """why Kafka refused the enriched record of an input (partition, offset), if it did"""
+
+    def __call__(self, message: InputMessage) -> Decoded:
+        key, value = message.key, message.value
+        try:
+            refused = self.refused(message.partition, message.offset)
+            if refused is not None:
+                raise BadInput("not_producible", f"Kafka refused the enriched record: {refused}")
+            if not key:
+                raise BadInput("missing_key", "the record has no key (the device id)")
+            if value is None:
+                raise BadInput("not_json", "the record has no value")
+            size = record_size(key, value, message.headers)
+            if size > self.max_message_bytes:
+                raise BadInput(
+                    "oversize",
+                    f"{size} bytes (key, value and headers) > {self.max_message_bytes}",
+                )
+            try:
+                device = key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadInput("missing_key", "the key is not UTF-8 text") from None
+            event = self.decode(value)
+            check_not_ahead(event.facts.time_ms, message.timestamp_ms, self.max_ahead_ms)
+            return device, event
+        except BadInput as error:
+            return error

@@ -1,0 +1,89 @@
+"""The Lua scripts the store runs in Redis, each atomic on one partition's keys (one Redis
+Cluster slot). The fenced ones check the partition's epoch first, so a zombie cannot write once
+another instance owns the partition."""
+
+# Every script takes KEYS = devices hash, meta hash, expiries sorted set.
+FENCE = """
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if epoch ~= ARGV[1] then
+  return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
+end
+"""
+
+# Fenced batch write. ARGV = epoch, clock, clock offset, clock before (clock '': leave it;
+# clock before '': none), number of records, number of scores, then device, record, ...,
+# then score, device, ..., then devices to drop from the expiries.
+WRITE_SCRIPT = (
+    FENCE
+    + """
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], 'clock', ARGV[2], 'clock_offset', ARGV[3])
+  if ARGV[4] == '' then
+    redis.call('HDEL', KEYS[2], 'clock_before')
+  else
+    redis.call('HSET', KEYS[2], 'clock_before', ARGV[4])
+  end
+end
+local records_end = 6 + 2 * tonumber(ARGV[5])
+local scores_end = records_end + 2 * tonumber(ARGV[6])
+for i = 7, records_end, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, records_end)))
+end
+for i = records_end + 1, scores_end, 1000 do
+  redis.call('ZADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, scores_end)))
+end
+for i = scores_end + 1, #ARGV, 1000 do
+  redis.call('ZREM', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+return tonumber(ARGV[5])
+"""
+)
+
+# The committed clock, the clock advanced by a batch, and the devices that may have expired
+# by its watermark, with their records. ARGV = batch start offset, the batch's own clock (''
+# if it has none), lateness, most devices to return. Returns {committed clock or false,
+# clock or false, devices, records}.
+EXPIRING_SCRIPT = """
+local meta = redis.call('HMGET', KEYS[2], 'clock', 'clock_offset', 'clock_before')
+local clock, at, before = meta[1], meta[2], meta[3]
+if clock and tonumber(at) >= tonumber(ARGV[1]) then clock = before end
+local newest, batch = tonumber(clock), tonumber(ARGV[2])
+if batch and (not newest or batch > newest) then newest = batch end
+if not newest then return {false, false, {}, {}} end
+local watermark = string.format('%.0f', newest - tonumber(ARGV[3]))
+local devices = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. watermark, 'LIMIT', 0, ARGV[4])
+local records = {}
+if #devices > 0 then records = redis.call('HMGET', KEYS[1], unpack(devices)) end
+return {clock or false, string.format('%.0f', newest), devices, records}
+"""
+
+
+# Expiry of quiet devices, a slice at a time, with their renew counters; then a slice of the
+# renew counters of devices that have no state (asked for, never seen), from a cursor of its
+# own kept in the meta hash. KEYS: as every script, then the renews hash. ARGV = epoch, HSCAN
+# cursor, cutoff (epoch ms), slice size, 1-based position of the last event time in a record.
+# Returns {next cursor, deleted}.
+SWEEP_SCRIPT = (
+    FENCE
+    + """
+local scan = redis.call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[4])
+local items, deleted, cutoff, at = scan[2], 0, tonumber(ARGV[3]), tonumber(ARGV[5])
+for i = 1, #items, 2 do
+  if struct.unpack('<i8', items[i + 1], at) < cutoff then
+    redis.call('HDEL', KEYS[1], items[i])
+    redis.call('HDEL', KEYS[4], items[i])
+    redis.call('ZREM', KEYS[3], items[i])
+    deleted = deleted + 1
+  end
+end
+local renews = redis.call('HSCAN', KEYS[4], redis.call('HGET', KEYS[2], 'renews_cursor') or '0',
+  'COUNT', ARGV[4])
+redis.call('HSET', KEYS[2], 'renews_cursor', renews[1])
+for i = 1, #renews[2], 2 do
+  if redis.call('HEXISTS', KEYS[1], renews[2][i]) == 0 then
+    redis.call('HDEL', KEYS[4], renews[2][i])
+  end
+end
+return {scan[1], deleted}
+"""
+)
