@@ -110,6 +110,7 @@ class SessionEnds:
         self.expiring: dict[int, Expiring] = {}
         self.rescored: dict[int, dict[str, int]] = {}
         self.unscored: dict[int, list[str]] = {}
+        self.declared: dict[int, list[str]] = {}
         self.watermarks_ms: dict[int, int] = {}
 
     def observe(self, partition: int, event_ms: int, kafka_ms: int) -> None:
@@ -139,7 +140,12 @@ class SessionEnds:
     ) -> list[SessionEvent]:
         """Declare ended the sessions the partition's watermark has passed: those of the
         batch's devices, and those the store found among the others (whose committed state
-        ``committed`` gives). Updates ``batch`` with the states that remember the ends."""
+        ``committed`` gives). Updates ``batch`` with the states that remember the ends.
+
+        A device a batch that never committed declared ended (``pending``) is written again
+        from its committed state even when this batch's watermark has not passed it: its
+        record would otherwise read as committed, ended, once the partition's committed offset
+        passes the offset that batch wrote it with, and its end would never be published."""
         expiring = self.expiring.get(partition)
         if expiring is None or expiring.clock_ms is None:
             return []
@@ -153,17 +159,24 @@ class SessionEnds:
                 events.append(event)
         self.unscored[partition] = unscored = []
         self.rescored[partition] = rescored = {}
+        self.declared[partition] = declared = []
         for device, data in expiring.records.items():
             if device in states:
                 continue
             known = committed(device, data)
-            if known is None or known.ended:
+            if known is None:
                 unscored.append(device)
             elif lifecycle.expired(known, watermark):
                 batch.starting[device] = known
                 states[device], event = lifecycle.declare_ended(device, known, watermark)
                 batch.offsets[device] = batch.end
+                declared.append(device)
                 events.append(event)
+            elif device in expiring.pending:
+                batch.starting[device] = states[device] = known
+                batch.offsets[device] = batch.end
+            elif known.ended:
+                unscored.append(device)
             else:
                 rescored[device] = known.expires_ms
         return events
@@ -182,7 +195,8 @@ class SessionEnds:
             else:
                 scores[device] = score
         clock = (expiring.clock_ms, batch.end, expiring.committed_ms)
-        return write._replace(clock=clock, scores=scores, unscored=unscored)
+        declared = self.declared.get(partition, [])
+        return write._replace(clock=clock, scores=scores, unscored=unscored, declared=declared)
 
 
 def expiry_score(state: SessionState, starting: SessionState | None) -> int | None:
