@@ -1,80 +1,47 @@
-"""The processes the benchmark starts: their logs, their CPU time, and stopping every one."""
+"""The processes the benchmark starts: their logs, their CPU time, and stopping every one.
+
+A :class:`Child` is the process manager that the integration tests use too
+(ops/stacklib/children.py), with the benchmark's stop and failure reports."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench.common import REPO, BenchError, say
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+if str(REPO / "ops") not in sys.path:
+    sys.path.insert(0, str(REPO / "ops"))  # for ops/stacklib
+
+from stacklib import children as shared
+
+cpu_seconds = shared.cpu_seconds
 STOP_GRACE_SECONDS = 30.0
 TAIL_LINES = 30
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far, all its threads included."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    # Fields 14 and 15 of proc(5), utime and stime; fields[0] is field 3.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-class Child:
+class Child(shared.Child):
     """One subprocess in its own session (a Ctrl-C reaches the benchmark only, which then
-    stops it), with stdout and stderr in a log file."""
+    stops it), with stdout and stderr in a log file; started at once."""
 
     def __init__(
         self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path
     ) -> None:
-        self.name = name
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                list(argv),
-                cwd=REPO,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.proc.pid)
-
-    def wait_with_usage(self) -> tuple[int, float]:
-        """Wait for the exit: (exit code, CPU seconds of the whole process)."""
-        _, status, usage = os.wait4(self.proc.pid, 0)
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
-        return self.proc.returncode, usage.ru_utime + usage.ru_stime
+        super().__init__(name, argv, env, log_path, cwd=REPO)
+        self.start()
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it is still there after the grace period."""
         if not self.running:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
+        if self.terminate(STOP_GRACE_SECONDS) is None:
             say(f"{self.name} ignored SIGTERM for {STOP_GRACE_SECONDS:.0f}s: killing it")
-            self.proc.kill()
-            self.proc.wait()
-
-    def tail(self) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
-        return f"--- last lines of {self.log_path}\n" + "\n".join(lines)
+            self.kill(timeout=None)
 
     def failure(self, what: str) -> BenchError:
-        state = "running" if self.running else f"exit code {self.proc.returncode}"
-        return BenchError(f"{self.name} {what} ({state})\n{self.tail()}")
+        state = "running" if self.running else f"exit code {self.returncode}"
+        return BenchError(f"{self.name} {what} ({state})\n{self.tail(TAIL_LINES)}")
 
 
 class Children:
@@ -92,5 +59,5 @@ class Children:
     def stop_all(self) -> None:
         for child in self.started:
             if child.running:
-                say(f"stopping {child.name} (pid {child.proc.pid})")
+                say(f"stopping {child.name} (pid {child.pid})")
                 child.stop()

@@ -42,6 +42,8 @@ from stack import Record, Stack, TopicSet
 from enricher import generate
 from enricher.codecs import tracker
 from enricher.entities import CLIENT_SESSION_SCHEMA
+from stacklib.children import Child
+from stacklib.client import committed_offsets, high_watermarks
 
 REPO = Path(__file__).resolve().parent.parent
 SALT = "integration-test-salt"
@@ -66,69 +68,66 @@ Item = tuple[str, Event]  # (device id, tracker event)
 
 
 class Instance:
-    """One ``enricher run`` process; restartable, with one log file across its incarnations."""
+    """One ``enricher run`` process; restartable, with one log file across its incarnations.
+
+    The process itself is a :class:`stacklib.children.Child` (ops/stacklib/children.py, the
+    process manager the benchmark uses too); this adds what the tests expect of it."""
 
     def __init__(self, name: str, env: Mapping[str, str], log_dir: Path) -> None:
         self.name = name
         self.env = dict(env)
         self.log_path = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self._log_offset = 0
+        self.child = Child(
+            name,
+            # faulthandler: SIGABRT (sent to a process that hangs) dumps every thread.
+            [sys.executable, "-X", "faulthandler", "-m", "enricher", "run"],
+            {},
+            self.log_path,
+            cwd=REPO,
+            append=True,
+        )
         self._expected = False  # running, as far as the test is concerned
         self._paused = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Instance:
-        if self.running:
-            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
-        self.starts += 1
         base = {k: v for k, v in os.environ.items() if not k.startswith("ENRICHER_")}
-        with self.log_path.open("ab") as log:
-            log.write(f"=== {self.name}: start #{self.starts} ===\n".encode())
-            log.flush()
-            self._log_offset = log.tell()
-            self.proc = subprocess.Popen(
-                # faulthandler: SIGABRT (sent to a process that hangs) dumps every thread.
-                [sys.executable, "-X", "faulthandler", "-m", "enricher", "run"],
-                cwd=REPO,
-                env={**base, **self.env},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.child.env = {**base, **self.env}
+        self.child.start()
         self._expected = True
         self._paused = False
         return self
 
     @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.child.proc
+
+    @property
+    def starts(self) -> int:
+        return self.child.starts
+
+    @property
     def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError(f"{self.name} was never started")
-        return self.proc.pid
+        return self.child.pid
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.child.running
 
     @property
     def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
+        return self.child.returncode
 
     def _signal(self, sig: signal.Signals) -> None:
-        if self.running:
-            os.kill(self.pid, sig)
+        self.child.send(sig)
 
     def stop(self, timeout: float = SHUTDOWN_TIMEOUT + STOP_SLACK) -> int:
         """SIGTERM, and wait for the exit; the exit code (a hang fails the test)."""
         assert self.proc is not None, f"{self.name} was never started"
         self._expected = False
-        self._signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        code = self.child.terminate(timeout)
+        if code is None:
             self.dump_threads()
             self.kill()
             pytest.fail(
@@ -136,13 +135,12 @@ class Instance:
                 f"end of its log)\n{self.tail(200)}",
                 pytrace=False,
             )
+        return code
 
     def kill(self) -> None:
         """SIGKILL: no clean-up at all, an open transaction stays open."""
         self._expected = False
-        if self.proc is not None:
-            self._signal(signal.SIGKILL)
-            self.proc.wait(30)
+        self.child.kill(30)
 
     def dump_threads(self) -> None:
         """SIGABRT: faulthandler writes every thread's Python stack to the log, then the
@@ -198,12 +196,7 @@ class Instance:
 
     def log(self, *, all_starts: bool = False) -> str:
         """The log of the current incarnation (or of all of them)."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(0 if all_starts else self._log_offset)
-                return log.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.child.log(all_starts=all_starts)
 
     def messages(self, *, all_starts: bool = False) -> list[str]:
         """The ``message`` of each JSON log line (ENRICHER_LOG_FORMAT=json)."""
@@ -221,9 +214,7 @@ class Instance:
         return any(needle in m for m in self.messages(all_starts=all_starts))
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        text = self.log(all_starts=True).splitlines()[-lines:]
-        state = "running" if self.running else f"exited {self.returncode}"
-        return f"--- {self.log_path} ({state}, last {len(text)} lines)\n" + "\n".join(text)
+        return self.child.tail(lines)
 
     def wait_logged(self, needle: str, timeout: float = 60.0) -> None:
         wait_for(
@@ -361,9 +352,7 @@ class Progress:
     def _consumer(self) -> Any:
         # read_uncommitted: an OffsetFetch for read_committed would wait for pending
         # transactional offsets (e.g. of a killed instance) instead of answering.
-        return self.stack.consumer(
-            **{"group.id": self.group, "isolation.level": "read_uncommitted"}
-        )
+        return self.stack.kafka.offsets_reader(self.group, **{"auto.offset.reset": "earliest"})
 
     def reconnect(self) -> None:
         """A fresh client (fresh metadata), after a broker went away."""
@@ -374,14 +363,12 @@ class Progress:
         return [TopicPartition(self.topic, p) for p in self.partitions]
 
     def committed(self) -> dict[int, int]:
-        tps = self.consumer.committed(self._tps(), timeout=20)
-        return {tp.partition: max(tp.offset, 0) for tp in tps}
+        found = committed_offsets(self.consumer, self._tps(), timeout=20)
+        return {partition: offset for (_, partition), offset in found.items()}
 
     def ends(self) -> dict[int, int]:
-        return {
-            tp.partition: self.consumer.get_watermark_offsets(tp, 10, cached=False)[1]
-            for tp in self._tps()
-        }
+        found = high_watermarks(self.consumer, self._tps(), timeout=10)
+        return {partition: offset for (_, partition), offset in found.items()}
 
     def total(self) -> int:
         return sum(self.committed().values())

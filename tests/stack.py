@@ -9,13 +9,15 @@ the next run reuses them (`ops/devstack up` on a running stack only re-prints it
 They live in .devstack/test-plain and .devstack/test-cluster, on free ports that ops/devstack picks
 (`--port-base auto`), or on ENRICHER_TEST_PORT_BASE and that plus 1000 when it is set. A test that
 needs a service it cannot get fails, with the service's log tail; it never skips.
+
+Running ops/devstack and the Kafka and Redis calls go through ops/stacklib/client.py, the stack
+client that the benchmark (bench/stack.py) uses too; this module turns its errors into test
+failures.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,11 +37,14 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 from redis.cluster import RedisCluster
 
+from stacklib import client
+from stacklib.client import StackError
+from stacklib.layout import log_tail
+
 REPO = Path(__file__).resolve().parent.parent
-DEVSTACK = REPO / "ops" / "devstack"
+DEVSTACK = client.DEVSTACK
 STATE_ROOT = REPO / ".devstack"
 PORT_BASE = os.environ.get("ENRICHER_TEST_PORT_BASE")
 KEEP_STACK = os.environ.get("ENRICHER_TEST_KEEP_STACK") == "1"
@@ -99,10 +104,6 @@ def _unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def _tail(text: str, lines: int = 60) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
 class Stack:
     """A running stack: connection settings plus helpers for Kafka, Redis and chaos."""
 
@@ -110,6 +111,7 @@ class Stack:
         self.state_dir = state_dir
         self.settings = settings
         self.bootstrap_servers = settings["ENRICHER_BOOTSTRAP_SERVERS"]
+        self.kafka = client.Kafka(self.bootstrap_servers)
         self.redis_url = settings["ENRICHER_REDIS_URL"]
         self.redis_cluster = settings["ENRICHER_REDIS_CLUSTER"] == "true"
         self.topics = TopicSet(
@@ -134,11 +136,7 @@ class Stack:
     # ------------------------------------------------------------------ diagnostics and chaos
 
     def log_tail(self, service: str, lines: int = 40) -> str:
-        chunks = []
-        for path in sorted((self.state_dir / service).glob("*.log")):
-            text = path.read_text(errors="replace").splitlines()[-lines:]
-            chunks.append(f"--- {path}\n" + "\n".join(text))
-        return "\n".join(chunks) or f"--- no logs for {service} in {self.state_dir}"
+        return log_tail(self.state_dir / service, lines)
 
     def fail(self, message: str, services: Sequence[str]) -> NoReturn:
         tails = "\n".join(self.log_tail(s) for s in services)
@@ -149,14 +147,10 @@ class Stack:
 
     def devstack(self, *args: str, timeout: float = 180.0) -> str:
         """Run an ops/devstack subcommand against this stack; its stdout is returned."""
-        argv = [sys.executable, str(DEVSTACK), args[0], "--dir", str(self.state_dir), *args[1:]]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-        if done.returncode != 0:
-            self.fail(
-                f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{_tail(done.stderr)}",
-                self.kafka_services(),
-            )
-        return done.stdout
+        try:
+            return client.run_devstack(args[0], self.state_dir, *args[1:], timeout=timeout)
+        except StackError as exc:
+            self.fail(str(exc), self.kafka_services())
 
     def kill_broker(self, broker: int, signal: str = "KILL") -> None:
         self.devstack("kill-broker", str(broker), "--signal", signal)
@@ -171,12 +165,10 @@ class Stack:
     # ------------------------------------------------------------------ Kafka
 
     def kafka_config(self, **extra: str | int | float | bool) -> Config:
-        config: Config = {"bootstrap.servers": self.bootstrap_servers}
-        config.update(extra)
-        return config
+        return self.kafka.config(**extra)
 
     def admin(self) -> AdminClient:
-        return AdminClient(self.kafka_config())
+        return self.kafka.admin()
 
     def producer(self, **extra: str | int | float | bool) -> Producer:
         return Producer(self.kafka_config(**{"enable.idempotence": True, "acks": "all", **extra}))
@@ -192,41 +184,19 @@ class Stack:
 
     def create_topics(self, names: Sequence[str], partitions: int, timeout: float = 30.0) -> None:
         """Create topics (broker defaults for replication) and wait until all have leaders."""
-        admin = self.admin()
-        futures = admin.create_topics(
-            [NewTopic(n, num_partitions=partitions) for n in names], operation_timeout=timeout
-        )
-        for name, future in futures.items():
-            try:
-                future.result(timeout)
-            except KafkaException as exc:
-                self.fail(f"creating topic {name} failed: {exc}", self.kafka_services())
-        counts = {n: len(leaders) for n, leaders in self.partitions(names, timeout).items()}
-        if set(counts.values()) != {partitions}:
-            self.fail(f"topics have other partition counts than {partitions}: {counts}", [])
+        try:
+            self.kafka.create_topics(names, partitions, timeout=timeout)
+        except StackError as exc:
+            self.fail(str(exc), self.kafka_services())
 
     def partitions(self, topics: Sequence[str], timeout: float = 30.0) -> dict[str, dict[int, int]]:
         """topic -> partition -> leader broker, once every partition of the topics has a leader.
 
         Brokers learn about new topics one after the other, so this polls until they do."""
-        admin = self.admin()
-        deadline = time.monotonic() + timeout
-        while True:
-            meta = admin.list_topics(timeout=timeout)
-            found = {
-                t: {p.id: p.leader for p in meta.topics[t].partitions.values()}
-                for t in topics
-                if t in meta.topics and meta.topics[t].error is None
-            }
-            waiting = [t for t in topics if not found.get(t) or min(found[t].values()) < 0]
-            if not waiting:
-                return found
-            if time.monotonic() > deadline:
-                self.fail(
-                    f"topics {waiting} do not exist or lack leaders after {timeout}s",
-                    self.kafka_services(),
-                )
-            time.sleep(0.1)
+        try:
+            return self.kafka.leaders(topics, timeout)
+        except StackError as exc:
+            self.fail(str(exc), self.kafka_services())
 
     def new_topics(self, prefix: str = "test", partitions: int = 3) -> TopicSet:
         """Fresh, uniquely named input/output/dlq/sessions topics for one test."""
@@ -336,10 +306,7 @@ class Stack:
         records: list[Record] = []
         try:
             assignment = self._assign_all(consumer, topics)
-            ends = {
-                (tp.topic, tp.partition): consumer.get_watermark_offsets(tp, 10, cached=False)[1]
-                for tp in assignment
-            }
+            ends = client.high_watermarks(consumer, assignment)
             deadline = time.monotonic() + timeout
             while True:
                 positions = consumer.position([TopicPartition(t, p) for t, p in ends])
@@ -362,9 +329,7 @@ class Stack:
     # ------------------------------------------------------------------ Redis
 
     def redis(self) -> redis.Redis | RedisCluster:
-        if self.redis_cluster:
-            return RedisCluster.from_url(self.redis_url)
-        return redis.Redis.from_url(self.redis_url)
+        return client.redis_client(self.redis_url, cluster=self.redis_cluster)
 
     def redis_prefix(self) -> str:
         """A key prefix no other test uses, e.g. `test-1a2b3c4d5e:`."""
@@ -378,26 +343,12 @@ def port_base(offset: int) -> str:
 
 def _run_up(name: str, port_base: str, options: Sequence[str]) -> Stack:
     state_dir = STATE_ROOT / f"test-{name}"
-    argv = [sys.executable, str(DEVSTACK), "up", "--dir", str(state_dir)]
-    argv += ["--port-base", port_base, *options]
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=UP_TIMEOUT_SECONDS, check=False
+        settings = client.up(
+            state_dir, "--port-base", port_base, *options, timeout=UP_TIMEOUT_SECONDS
         )
-    except subprocess.TimeoutExpired as exc:
-        output = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        subprocess.run(
-            [sys.executable, str(DEVSTACK), "down", "--dir", str(state_dir)], check=False
-        )
-        pytest.fail(
-            f"`{' '.join(argv)}` took over {UP_TIMEOUT_SECONDS}s:\n{_tail(output)}", pytrace=False
-        )
-    if done.returncode != 0:
-        pytest.fail(
-            f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{_tail(done.stderr, 120)}",
-            pytrace=False,
-        )
-    settings = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    except StackError as exc:
+        pytest.fail(str(exc), pytrace=False)
     return Stack(state_dir, settings)
 
 

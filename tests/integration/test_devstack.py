@@ -144,3 +144,23 @@ def test_up_is_idempotent_and_down_leaves_no_process_or_port(tmp_path: Path) -> 
     assert list(state_dir.glob("*/pid")) == []
     assert devstack("down").returncode == 0
     assert devstack("status").returncode == 3
+
+
+def test_install_and_the_commands_without_a_stack_need_only_the_standard_library(
+    tmp_path: Path,
+) -> None:
+    """`install` runs on a fresh machine, before the project's packages: ops/devstack imports
+    confluent-kafka and redis-py only in the commands that talk to a running stack, and those
+    say what is missing. (``python -S``: no site-packages.)"""
+
+    def devstack(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-S", str(DEVSTACK), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+
+    assert devstack("install").returncode == 0
+    assert devstack("status", "--dir", str(tmp_path)).stdout == f"no stack in {tmp_path}\n"
+    assert devstack("down", "--dir", str(tmp_path)).returncode == 0
+    up = devstack("up", "--dir", str(tmp_path))
+    assert up.returncode == 1
+    assert "confluent_kafka is missing" in up.stderr
+    assert not (tmp_path / "stack.json").exists()
