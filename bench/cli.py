@@ -1,7 +1,7 @@
 """``python -m bench``: the whole benchmark, from ``ops/devstack up`` to the results files.
 
 Order: stack up, preload the input, then per run the passthrough, ``enricher run``, ``enricher
-run`` with the session lifecycle topic and ``enricher batch`` in turn (interleaved, so that a
+run`` with the session events topic and ``enricher batch`` in turn (interleaved, so that a
 change in the machine's load hits every mode alike), then one latency run per streaming mode
 at half of its median rate (the lifecycle variant has none), then the Redis memory per device.
 Whatever happens, every process it started is stopped and the stack is taken down.

@@ -29,7 +29,7 @@ STREAMING_ARGV = {
     "enricher": [sys.executable, "-m", "enricher", "run"],
     "sessions": [sys.executable, "-m", "enricher", "run"],
 }
-"""``sessions``: ``enricher run`` publishing the session lifecycle topic too"""
+"""``sessions``: ``enricher run`` publishing the session events topic too"""
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def markdown(results: Results) -> str:
             f"{enricher.commands_per_event:.4f} / {enricher.latency.commands_per_event:.4f}",
         ],
         [
-            "enricher, exactly-once, with the session lifecycle topic",
+            "enricher, exactly-once, with the session events topic",
             _rate(sessions.rate),
             f"{results.ratio(sessions.rate):.2f}",
             "not measured",
@@ -113,7 +113,7 @@ def markdown(results: Results) -> str:
         "",
         f"Runs, events/s: passthrough {_runs([r.window.rate for r in passthrough.runs])};"
         f" enricher {_runs([r.window.rate for r in enricher.runs])};"
-        f" with the lifecycle topic {_runs([r.window.rate for r in sessions.runs])};"
+        f" with the session events topic {_runs([r.window.rate for r in sessions.runs])};"
         f" batch {_runs([w.rate for w in batch.runs])}.",
         "CPU s / 1k events counts the process alone; with the Kafka broker and Redis on the"
         f" same machine: passthrough {passthrough.stack_cpu_per_1k:.3f},"
@@ -136,7 +136,7 @@ def markdown(results: Results) -> str:
         f"Redis memory per device: {memory.per_device:.0f} B (`enricher batch --redis-url`,"
         f" {memory.devices:,} devices, one event each); after an `enricher run`, whose records"
         f" also carry a snapshot: {enricher.memory_per_device:.0f} B"
-        f" ({enricher.devices:,} devices); with the lifecycle topic, which adds the expiries"
+        f" ({enricher.devices:,} devices); with the session events topic, which adds the expiries"
         f" sorted set: {sessions.memory_per_device:.0f} B.",
         f"Batch mode: {batch.summary}.",
         "",
@@ -276,7 +276,7 @@ def _throughput(axes: Any, results: Results) -> None:
     names = [
         "passthrough",
         "enricher\nexactly-once",
-        "enricher +\nlifecycle topic",
+        "enricher +\nsession events topic",
         "batch mode\n(one core)",
     ]
     medians = [passthrough.rate, enricher.rate, sessions.rate, batch.rate]

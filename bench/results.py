@@ -217,7 +217,7 @@ class Results:
     passthrough: Streaming
     enricher: Streaming
     sessions: Throughput
-    """``enricher run`` with the session lifecycle topic"""
+    """``enricher run`` with the session events topic"""
     batch: Batch
     memory: Memory
 

@@ -36,11 +36,11 @@ from enricher.deadletter import ProducerRecord, dead_letter, record_size
 from enricher.enrich import Enriched, Enricher
 from enricher.errors import BadInput
 from enricher.intake import Decoded, InputMessage
-from enricher.lifecycle import SessionEvent
 from enricher.output import Output
 from enricher.records import RecordCodec
 from enricher.session import SessionState
 from enricher.session_ends import BatchSessionEnds, CommittedState, PartitionBatch
+from enricher.session_events import SessionEvent
 from enricher.store import Loaded, PartitionWrite
 
 T = TypeVar("T")

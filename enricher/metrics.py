@@ -40,7 +40,7 @@ class Metrics:
         )
         self.sessions_ended = Counter(
             "enricher_sessions_ended",
-            "Session ends published to the lifecycle topic",
+            "Session ends published to the session events topic",
             ["cause", "detected_by"],
             registry=r,
         )
@@ -51,7 +51,7 @@ class Metrics:
         )
         self.watermark = Gauge(
             "enricher_watermark_timestamp_seconds",
-            "Each owned partition's event-time watermark (lifecycle topic)",
+            "Each owned partition's event-time watermark (session events topic)",
             ["partition"],
             registry=r,
         )

@@ -14,7 +14,7 @@ This module is pure: no I/O, no clocks, no randomness. It implements the rules o
    older than the latest one joins the current session without moving the clock back.
 
 The state also says when the session expires if nothing else arrives, and whether the
-session lifecycle topic (:mod:`enricher.lifecycle`) has declared it ended: any event clears
+session events topic (:mod:`enricher.session_events`) has declared it ended: any event clears
 that mark, since an event that joins a session proves it was still going.
 """
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from enricher import lifecycle
-from enricher.lifecycle import SessionEvent
+from enricher import session_events
 from enricher.session import SessionState, Step
+from enricher.session_events import SessionEvent
 from enricher.store import ClockQuery, Expiring, PartitionWrite
 
 # At most this many sessions of a partition are checked against its watermark per batch; the
@@ -115,7 +115,7 @@ class SessionEnds:
 
     def observe(self, partition: int, event_ms: int, kafka_ms: int) -> None:
         """Advance the partition's clock with one event of the batch."""
-        time_ms = lifecycle.clock_time(event_ms, kafka_ms)
+        time_ms = session_events.clock_time(event_ms, kafka_ms)
         if time_ms > self.clocks.get(partition, time_ms - 1):
             self.clocks[partition] = time_ms
 
@@ -133,7 +133,7 @@ class SessionEnds:
         self, device: str, before: SessionState | None, step: Step
     ) -> tuple[list[SessionEvent], bool]:
         """The session events one event causes, and whether it reopened an ended session."""
-        return lifecycle.on_step(device, before, step), lifecycle.reopened(before, step)
+        return session_events.on_step(device, before, step), session_events.reopened(before, step)
 
     def pass_watermark(
         self, partition: int, batch: PartitionBatch, committed: CommittedState
@@ -154,8 +154,8 @@ class SessionEnds:
         events = []
         states = batch.states
         for device, state in list(states.items()):
-            if lifecycle.expired(state, watermark):
-                states[device], event = lifecycle.declare_ended(device, state, watermark)
+            if session_events.expired(state, watermark):
+                states[device], event = session_events.declare_ended(device, state, watermark)
                 events.append(event)
         self.unscored[partition] = unscored = []
         self.rescored[partition] = rescored = {}
@@ -166,9 +166,9 @@ class SessionEnds:
             known = committed(device, data)
             if known is None:
                 unscored.append(device)
-            elif lifecycle.expired(known, watermark):
+            elif session_events.expired(known, watermark):
                 batch.starting[device] = known
-                states[device], event = lifecycle.declare_ended(device, known, watermark)
+                states[device], event = session_events.declare_ended(device, known, watermark)
                 batch.offsets[device] = batch.end
                 declared.append(device)
                 events.append(event)

@@ -161,7 +161,7 @@ class PartitionStore:
     ) -> Loaded:
         """In one round trip per Redis node: the committed state of devices,
         ``{partition: (batch start offset, devices)}``; the renew requests of
-        ``{partition: devices}``; and for the lifecycle topic, each queried partition's clock
+        ``{partition: devices}``; and for the session events topic, each queried partition's clock
         and the devices that may have expired by its watermark."""
         requests = [(p, start, list(devices)) for p, (start, devices) in wanted.items() if devices]
         renews = [(p, list(devices)) for p, devices in (renews_of or {}).items() if devices]

@@ -50,7 +50,7 @@ SALT = "integration-test-salt"
 # Short timeouts make sessions renew a lot within the generated traffic.
 FOREGROUND_TIMEOUT = 60.0
 BACKGROUND_TIMEOUT = 15.0
-# The session lifecycle topic's allowed lateness (event time).
+# The session events topic's allowed lateness (event time).
 LATENESS = 30.0
 # Bounds for a clean SIGTERM: the service's own deadline, then slack for the interpreter.
 SHUTDOWN_TIMEOUT = 15.0

@@ -1,4 +1,4 @@
-"""The session lifecycle topic reconciled with the enriched output, one for one.
+"""The session events topic reconciled with the enriched output, one for one.
 
 The sessions are rebuilt from the enriched output alone (the client_session entity, the
 event's time and its lifecycle events, in partition order), then every ``session_started``
@@ -24,8 +24,8 @@ from instances import BACKGROUND_TIMEOUT, FOREGROUND_TIMEOUT, LATENESS, client_s
 from stack import Record, Stack, TopicSet
 
 from enricher.codecs import session_events, tracker
-from enricher.lifecycle import clock_time
 from enricher.session import Lifecycle
+from enricher.session_events import clock_time
 
 
 @dataclass(eq=False)
@@ -167,7 +167,7 @@ def check_session_events(
             problems += _check_end(session, final, expiry, watermarks)
     if problems:
         raise AssertionError(
-            f"the session lifecycle topic does not reconcile ({len(problems)} problems):\n- "
+            f"the session events topic does not reconcile ({len(problems)} problems):\n- "
             + "\n- ".join(problems[:20])
         )
     return summary
@@ -241,7 +241,7 @@ def _check_end(
 
 
 def reconcile(stack: Stack, topics: TopicSet, output: Sequence[Record]) -> Summary:
-    """Read the lifecycle topic of instances started with ``service_env`` and reconcile it
+    """Read the session events topic of instances started with ``service_env`` and reconcile it
     with their ``output``."""
     records = stack.read_committed([topics.sessions], timeout=120)
     summary = check_session_events(

@@ -14,7 +14,7 @@ import fastavro
 import pytest
 from support import START_MS, event_id, tracker_event
 
-from enricher import lifecycle
+from enricher import session_events as events
 from enricher.codecs import avro, factory, registry, session_events, tracker
 from enricher.config import Settings
 from enricher.enrich import Enricher
@@ -124,7 +124,7 @@ def test_enriched_and_session_events_carry_their_registered_ids(
     assert record["client_session"]["firstEventId"] == EID
     assert sum(r[0] == "POST" for r in state.requests) == 1
 
-    session = codecs.encode_session(lifecycle.started("d", step))
+    session = codecs.encode_session(events.started("d", step))
     session_id = state.subjects["sessions-value"]
     assert json.loads(state.schemas[session_id]) == session_events.SCHEMA_JSON
     assert session[:5] == b"\0" + session_id.to_bytes(4, "big")

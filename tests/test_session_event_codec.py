@@ -1,4 +1,4 @@
-"""Session lifecycle records on the wire (``schemas/session_event.avsc``): Avro and JSON."""
+"""Session events on the wire (``schemas/session_event.avsc``): Avro and JSON."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import REPO, START_MS, event_id, facts
 
-from enricher import lifecycle
+from enricher import session_events as events
 from enricher.codecs import session_events
-from enricher.lifecycle import Detection, EndCause, Kind, SessionEnd, SessionEvent
 from enricher.session import SessionConfig, SessionEngine, StartCause, Timeouts
+from enricher.session_events import Detection, EndCause, Kind, SessionEnd, SessionEvent
 
 PROPERTIES = settings(max_examples=200, derandomize=True, database=None, deadline=None)
 DEVICE = "device-1"
@@ -35,10 +35,10 @@ def samples() -> dict[str, SessionEvent]:
     first = at.advance(DEVICE, None, facts(1, START_MS))
     second = at.advance(DEVICE, first.state, facts(2, START_MS + 5_000, "background"))
     third = at.advance(DEVICE, second.state, facts(3, START_MS + 30_000, "foreground"))
-    by_next_event, started_again = lifecycle.on_step(DEVICE, second.state, third)
-    _, by_watermark = lifecycle.declare_ended(DEVICE, third.state, START_MS + 120_000)
+    by_next_event, started_again = events.on_step(DEVICE, second.state, third)
+    _, by_watermark = events.declare_ended(DEVICE, third.state, START_MS + 120_000)
     return {
-        "started": lifecycle.started(DEVICE, first),
+        "started": events.started(DEVICE, first),
         "started_after_timeout": started_again,
         "ended_by_next_event": by_next_event,
         "ended_by_watermark": by_watermark,

@@ -10,7 +10,7 @@ from enricher.codecs.registry import RegistryClient, RegistryCodec
 from enricher.config import Settings
 from enricher.enrich import Enriched
 from enricher.errors import BadInput
-from enricher.lifecycle import SessionEvent
+from enricher.session_events import SessionEvent
 
 Decoder = Callable[[bytes], tracker.TrackerEvent]
 Encoder = Callable[[Enriched], bytes]
@@ -21,7 +21,7 @@ class Codecs(NamedTuple):
     decode: Decoder
     encode: Encoder
     encode_session: SessionEncoder
-    """for the session lifecycle topic, in the output's format family"""
+    """for the session events topic, in the output's format family"""
 
 
 def _encode_json(enriched: Enriched) -> bytes:

@@ -1,4 +1,4 @@
-"""Session lifecycle records on the wire: ``schemas/session_event.avsc``, as Avro or JSON.
+"""Session events on the wire: ``schemas/session_event.avsc``, as Avro or JSON.
 
 The topic uses the output topic's format family: Avro (schemaless, or in the Confluent wire
 format under the subject ``<topic>-value``) or JSON with the same field names, where times are
@@ -17,7 +17,7 @@ import orjson
 
 from enricher.codecs import avro
 from enricher.entities import iso_millis
-from enricher.lifecycle import SessionEvent
+from enricher.session_events import SessionEvent
 
 SCHEMA_JSON = avro.load_schema("session_event.avsc")
 SCHEMA = fastavro.parse_schema(SCHEMA_JSON)

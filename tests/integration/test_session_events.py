@@ -1,4 +1,4 @@
-"""The session lifecycle topic on a running service, event by event: ends found by the next
+"""The session events topic on a running service, event by event: ends found by the next
 event (timeouts in the foreground and the background, renews) and by the watermark, a late
 event that reopens a session declared ended, and the metrics that count them."""
 
@@ -46,7 +46,7 @@ def events(*timeline: tuple[str, int, Kind]) -> list[tuple[str, dict[str, str]]]
 
 
 def summary(record: dict[str, Any]) -> tuple[Any, ...]:
-    """The parts of a lifecycle record the story pins down."""
+    """The parts of a session event the story pins down."""
     end = record["end"]
     if end is None:
         return ("started", record["session_index"], record["start_cause"])

@@ -1,4 +1,4 @@
-"""Session lifecycle records: ``session_started`` and ``session_ended``, derived from steps.
+"""Session events: ``session_started`` and ``session_ended``, derived from steps.
 
 Pure, like :mod:`enricher.session`. A session starts with its first event. It ends in one of
 two ways:
@@ -72,7 +72,7 @@ class SessionEnd:
 
 @dataclass(frozen=True, slots=True)
 class SessionEvent:
-    """One record of the session lifecycle topic."""
+    """One record of the session events topic."""
 
     kind: Kind
     device_id: str

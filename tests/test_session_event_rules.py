@@ -1,8 +1,8 @@
-"""Session lifecycle records (``enricher.lifecycle``): explicit cases, then the service's use of
+"""Session events (``enricher.session_events``): explicit cases, then the service's use of
 them emulated on random timelines and reconciled against the sessions the engine made.
 
 The emulation does what the service does per device: every event goes through the engine and
-``lifecycle.on_step``; every watermark sweep declares the session ended when ``expired``. The
+``events.on_step``; every watermark sweep declares the session ended when ``expired``. The
 records must then tell each session's story exactly: one start, and for every session that was
 followed by another, ends whose highest revision describes the whole session.
 """
@@ -17,9 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import DAY_MS, SECOND, START_MS, Kind, Timeline, event_id, facts, timelines
 
-from enricher import lifecycle
-from enricher.lifecycle import Detection, EndCause, SessionEnd, SessionEvent
-from enricher.lifecycle import Kind as RecordKind
+from enricher import session_events as events
 from enricher.session import (
     EventFacts,
     Lifecycle,
@@ -30,6 +28,8 @@ from enricher.session import (
     Step,
     Timeouts,
 )
+from enricher.session_events import Detection, EndCause, SessionEnd, SessionEvent
+from enricher.session_events import Kind as RecordKind
 
 PROPERTIES = settings(max_examples=250, derandomize=True, database=None, deadline=None)
 DEVICE = "device-1"
@@ -81,7 +81,7 @@ class Device:
     def event(self, event: EventFacts) -> list[SessionEvent]:
         before = self.state
         step = self.engine.advance(self.name, before, event, self.renews)
-        out = lifecycle.on_step(self.name, before, step)
+        out = events.on_step(self.name, before, step)
         self.state = step.state
         self.steps.append(step)
         self.befores.append(before)
@@ -95,9 +95,9 @@ class Device:
     def sweep(self, watermark_ms: int) -> SessionEvent | None:
         assert self.state is not None
         self.sweeps.append((len(self.steps), watermark_ms))
-        if not lifecycle.expired(self.state, watermark_ms):
+        if not events.expired(self.state, watermark_ms):
             return None
-        self.state, record = lifecycle.declare_ended(self.name, self.state, watermark_ms)
+        self.state, record = events.declare_ended(self.name, self.state, watermark_ms)
         self.records.append(record)
         self.declared.append((len(self.steps), watermark_ms))
         return record
@@ -268,12 +268,12 @@ def test_expired_is_strict_and_false_once_ended() -> None:
     device.at(0)
     state = device.steps[-1].state
     assert state.expires_ms == START_MS + 60 * SECOND
-    assert not lifecycle.expired(state, state.expires_ms - 1)
-    assert not lifecycle.expired(state, state.expires_ms)
-    assert lifecycle.expired(state, state.expires_ms + 1)
-    ended, _ = lifecycle.declare_ended(DEVICE, state, state.expires_ms + 1)
-    assert not lifecycle.expired(ended, state.expires_ms + 1)
-    assert not lifecycle.expired(ended, state.expires_ms + 10**12)
+    assert not events.expired(state, state.expires_ms - 1)
+    assert not events.expired(state, state.expires_ms)
+    assert events.expired(state, state.expires_ms + 1)
+    ended, _ = events.declare_ended(DEVICE, state, state.expires_ms + 1)
+    assert not events.expired(ended, state.expires_ms + 1)
+    assert not events.expired(ended, state.expires_ms + 10**12)
 
 
 @pytest.mark.parametrize(
@@ -291,7 +291,7 @@ def test_declare_ended_marks_the_state_and_yields_a_watermark_end(
     device.at(2 * SECOND, kinds[1])
     state = device.steps[-1].state
     watermark = state.expires_ms + 7
-    new_state, record = lifecycle.declare_ended(DEVICE, state, watermark)
+    new_state, record = events.declare_ended(DEVICE, state, watermark)
     assert new_state.ended
     assert new_state.ends_declared == 1
     assert replace(new_state, ended=False, ends_declared=0) == state
@@ -334,7 +334,7 @@ def test_late_event_reopens_a_declared_session_and_its_next_end_is_revision_one(
     assert declared.ended
 
     assert device.at(20 * SECOND, "background") == []  # late: behind the watermark, joins
-    assert lifecycle.reopened(declared, device.steps[-1])
+    assert events.reopened(declared, device.steps[-1])
     reopened = device.steps[-1].state
     assert not reopened.ended
     assert reopened.ends_declared == 1
@@ -349,7 +349,7 @@ def test_late_event_reopens_a_declared_session_and_its_next_end_is_revision_one(
     assert end.cause is EndCause.BACKGROUND_TIMEOUT
     assert end.next_session_id == started.session_id
     assert started.start_cause is StartCause.BACKGROUND_TIMEOUT
-    assert not lifecycle.reopened(reopened, device.steps[-1])
+    assert not events.reopened(reopened, device.steps[-1])
 
 
 def test_reopened_session_declared_again_is_revision_one_by_watermark() -> None:
@@ -378,7 +378,7 @@ def test_new_session_after_a_declared_end_yields_only_its_start() -> None:
     assert started.kind is RecordKind.STARTED
     assert started.start_cause is StartCause.FOREGROUND_TIMEOUT
     assert started.previous_session_id == declared.session_id
-    assert not lifecycle.reopened(declared, device.steps[-1])
+    assert not events.reopened(declared, device.steps[-1])
     fresh = device.steps[-1].state
     assert (fresh.ended, fresh.ends_declared, fresh.session_index) == (False, 0, 2)
     kinds = [(r.kind, r.session_index) for r in device.records]
@@ -398,11 +398,11 @@ def test_renew_after_a_declared_end_yields_only_the_start() -> None:
 def test_reopened_is_false_for_ordinary_steps() -> None:
     device = Device(engine(60, 15))
     device.at(0)
-    assert not lifecycle.reopened(None, device.steps[0])
+    assert not events.reopened(None, device.steps[0])
     device.at(SECOND)
-    assert not lifecycle.reopened(device.befores[1], device.steps[1])
+    assert not events.reopened(device.befores[1], device.steps[1])
     device.at(100 * SECOND)
-    assert not lifecycle.reopened(device.befores[2], device.steps[2])
+    assert not events.reopened(device.befores[2], device.steps[2])
 
 
 # --- clock and expiry -----------------------------------------------------------------------------
@@ -422,7 +422,7 @@ def test_reopened_is_false_for_ordinary_steps() -> None:
 def test_clock_time_is_the_event_time_capped_by_the_kafka_timestamp(
     event_ms: int, kafka_ms: int, expected: int
 ) -> None:
-    assert lifecycle.clock_time(event_ms, kafka_ms) == expected
+    assert events.clock_time(event_ms, kafka_ms) == expected
 
 
 def test_expires_follows_the_timeout_in_force() -> None:
@@ -447,7 +447,7 @@ def test_zero_timeout_expires_at_the_latest_event() -> None:
     device.at(0)
     state = device.steps[-1].state
     assert state.expires_ms == START_MS
-    assert lifecycle.expired(state, START_MS + 1)
+    assert events.expired(state, START_MS + 1)
 
 
 # --- the service, emulated on random timelines ----------------------------------------------------
@@ -651,6 +651,6 @@ def test_end_cause_and_watermark_follow_the_rules_with_one_app(
         foreground_ms, background_ms = line.timeouts_for(event.app_id)
         timeout = background_ms if before.in_background else foreground_ms
         timed_out = event.time_ms - before.last_event_ms > timeout
-        expected = lifecycle.timeout_cause(before) if timed_out else EndCause.RENEW
+        expected = events.timeout_cause(before) if timed_out else EndCause.RENEW
         assert ends_by_next[step.state.session_id].cause is expected
         assert step.started.value == expected.value
