@@ -3,10 +3,16 @@
 Records are read and written one at a time, so memory grows with the number of devices, not
 with the size of the file. State lives in memory, or in Redis (``--redis-url``) so that a run
 can continue the sessions an earlier run or the streaming service left behind.
+
+A line's key and event are decoded as the streaming service decodes a record's key and value
+(the same codec, the same rules), so a bad line gets the reason its record would get in the
+dead-letter topic; it goes to ``OUTPUT.errors.jsonl`` and the run goes on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -15,14 +21,19 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import fastavro
+import orjson
 from fastavro.read import SchemaResolutionError
 
 from enricher.codecs import avro, tracker
-from enricher.enrich import Enriched, Enricher
+from enricher.enrich import Enriched, Enricher, check_not_ahead
 from enricher.errors import BadInput
 from enricher.session import SessionState
 
 CHUNK_SIZE = 1000
+ERROR_RECORD_BYTES = 64 * 1024
+"""At most this much of a bad record's original is copied into its error record; ``size`` and
+``sha256`` still describe the whole (a 50 MB line must not become a 150 MB error record)."""
+ERROR_DETAIL_CHARS = 1000  # as in the dead-letter topic's message header
 RAW_FILE_SCHEMA = fastavro.parse_schema(
     {
         "type": "record",
@@ -82,32 +93,47 @@ class Summary:
     errors: int = 0
     sessions: int = 0
     devices: set[str] = field(default_factory=set)
+    blank: int = 0
+    """blank lines of a JSON Lines input, skipped"""
 
     def line(self) -> str:
         return (
             f"events={self.events} devices={len(self.devices)} sessions={self.sessions}"
-            f" errors={self.errors}"
+            f" errors={self.errors} blank={self.blank}"
         )
 
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """One input record: decoded, or the reason it could not be."""
+    """One input record: decoded, or the reason it could not be, or a blank line."""
 
     position: int
-    original: Any
+    original: bytes | dict[str, Any] | None
+    """the line's bytes (without its end), or the Avro record"""
     key: str | None = None
     event: tracker.TrackerEvent | None = None
     error: BadInput | None = None
+    blank: bool = False
 
 
-def run(enricher: Enricher, source: Path, target: Path, store: StateStore) -> Summary:
+@dataclass(frozen=True, slots=True)
+class TimeBound:
+    """How far ahead of ``reference_ms`` (the run's reference time, standing in for the Kafka
+    timestamp the service checks against) an event time may lie."""
+
+    reference_ms: int
+    max_ahead_ms: int
+
+
+def run(
+    enricher: Enricher, source: Path, target: Path, store: StateStore, bound: TimeBound
+) -> Summary:
     """Enrich ``source`` into ``target``; bad records go to ``<target>.errors.jsonl``."""
     errors_path = target.with_name(target.name + ".errors.jsonl")
     with ExitStack() as files:
         reader = _reader(source, files)
-        errors = files.enter_context(errors_path.open("w", encoding="utf-8"))
-        chunks = _Chunks(enricher, store, _writer(target, files), errors)
+        errors = files.enter_context(errors_path.open("wb"))
+        chunks = _Chunks(enricher, store, _writer(target, files), errors, bound)
         chunk: list[_Item] = []
         for item in reader:
             chunk.append(item)
@@ -121,11 +147,19 @@ def run(enricher: Enricher, source: Path, target: Path, store: StateStore) -> Su
 class _Chunks:
     """Enriches a run chunk by chunk, with one state load and one save per chunk."""
 
-    def __init__(self, enricher: Enricher, store: StateStore, write: _Write, errors: IO[str]):
+    def __init__(
+        self,
+        enricher: Enricher,
+        store: StateStore,
+        output: _Output,
+        errors: IO[bytes],
+        bound: TimeBound,
+    ) -> None:
         self.enricher = enricher
         self.store = store
-        self.write = write
+        self.output = output
         self.errors = errors
+        self.bound = bound
         self.summary = Summary()
 
     def process(self, chunk: list[_Item]) -> None:
@@ -133,33 +167,89 @@ class _Chunks:
         states = self.store.load({item.key for item in chunk if item.key is not None})
         changed: dict[str, SessionState] = {}
         for item in chunk:
+            if item.blank:
+                summary.blank += 1
+                continue
             if item.key is None or item.event is None:
-                _write_error(self.errors, item)
-                summary.errors += 1
+                self.error(item)
+                continue
+            try:
+                check_not_ahead(
+                    item.event.facts.time_ms, self.bound.reference_ms, self.bound.max_ahead_ms
+                )
+            except BadInput as error:
+                self.error(dataclasses.replace(item, error=error))
                 continue
             step, enriched = self.enricher.enrich(item.key, states.get(item.key), item.event)
+            try:
+                encoded = self.output.encode(item.key, enriched)
+            except (ValueError, TypeError, OverflowError) as error:
+                # As the service does: the event is dead-lettered and leaves no state behind.
+                detail = f"{type(error).__name__}: {error}"
+                self.error(dataclasses.replace(item, error=BadInput("not_encodable", detail)))
+                continue
             states[item.key] = changed[item.key] = step.state
             summary.events += 1
             summary.sessions += step.started is not None
             summary.devices.add(item.key)
-            self.write(item.key, enriched)
+            self.output.write(encoded)
         if changed:
             self.store.save(changed)
 
+    def error(self, item: _Item) -> None:
+        self.errors.write(_error_record(item) + b"\n")
+        self.summary.errors += 1
 
-def _write_error(errors: IO[str], item: _Item) -> None:
+
+def _error_record(item: _Item) -> bytes:
+    """The line of ``OUTPUT.errors.jsonl`` for a bad record: where it was, why it is bad, the
+    record (a JSON Lines line as text, invalid UTF-8 replaced; an Avro record as an object),
+    cut to :data:`ERROR_RECORD_BYTES` of the original (``truncated``), and the ``size`` and
+    ``sha256`` of the whole original (of an Avro record: of its JSON)."""
     assert item.error is not None
-    record = {
+    record: Any
+    if isinstance(item.original, bytes):
+        original = item.original
+        record = _head(original).decode("utf-8", "replace")
+    else:
+        original = _utf8(json.dumps(item.original, ensure_ascii=False))
+        record = item.original
+        if len(original) > ERROR_RECORD_BYTES:
+            record = _head(original).decode("utf-8", "replace")
+    entry = {
         "position": item.position,
         "reason": item.error.reason,
-        "error": item.error.detail,
-        "record": item.original,
+        "error": item.error.detail[:ERROR_DETAIL_CHARS],
+        "record": record,
+        "size": len(original),
+        "sha256": hashlib.sha256(original).hexdigest(),
+        "truncated": len(original) > ERROR_RECORD_BYTES,
     }
-    errors.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return _utf8(json.dumps(entry, ensure_ascii=False))
 
 
-class _Write(Protocol):
-    def __call__(self, key: str, enriched: Enriched) -> None: ...
+def _head(data: bytes) -> bytes:
+    """The first :data:`ERROR_RECORD_BYTES` of ``data``, not cutting a UTF-8 character."""
+    if len(data) <= ERROR_RECORD_BYTES:
+        return data
+    end = ERROR_RECORD_BYTES
+    # Back to a character's first byte: continuation bytes are 0b10xxxxxx, 3 at most.
+    while end > ERROR_RECORD_BYTES - 3 and data[end] & 0xC0 == 0x80:
+        end -= 1
+    return data[:end]
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 of JSON text; a lone surrogate (from a detail, say) goes out as its escape."""
+    return text.encode("utf-8", "backslashreplace")
+
+
+class _Output(Protocol):
+    """Where enriched events go: :meth:`encode` may refuse an event, :meth:`write` may not."""
+
+    def encode(self, key: str, enriched: Enriched) -> Any: ...
+
+    def write(self, encoded: Any) -> None: ...
 
 
 def _is_avro(path: Path) -> bool:
@@ -180,20 +270,49 @@ def _reader(path: Path, files: ExitStack) -> Iterator[_Item]:
 def _json_items(lines: IO[bytes]) -> Iterator[_Item]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
+            yield _Item(number, None, blank=True)
             continue
-        original = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        original = line.rstrip(b"\r\n")
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise BadInput("not_an_object", 'a line must be {"key": ..., "event": {...}}')
-            key = record.get("key")
-            if not isinstance(key, str) or not key:
-                raise BadInput("missing_key", "no device id in 'key'")
-            yield _Item(number, original, key, tracker.from_fields(record.get("event")))
+            key, event = decode_line(original)
         except BadInput as error:
             yield _Item(number, original, error=error)
+        else:
+            yield _Item(number, original, key, event)
+
+
+def decode_line(line: bytes) -> tuple[str, tracker.TrackerEvent]:
+    """The device id and the event of one ``{"key": ..., "event": {...}}`` line, decoded as the
+    service decodes a record's key (UTF-8 text) and value (read as :func:`tracker.load` reads
+    it, validated by :func:`tracker.from_fields`): the same input gets the same answer, the
+    same reason, in both modes."""
+    undecodable: UnicodeDecodeError | None = None
+    try:
+        record, unicode = orjson.loads(line), True
+    except orjson.JSONDecodeError:
+        unicode = False
+        try:
+            record = json.loads(line)  # as tracker.load reads a value the standard library's way
+        except UnicodeDecodeError as error:
+            # Bytes that are not UTF-8: the service refuses them in a key as invalid_key, in
+            # a value as not_json. Which it is, the key read past them tells.
+            undecodable = error
+            try:
+                record = json.loads(line.decode("utf-8", "surrogateescape"))
+            except (ValueError, RecursionError):
+                raise BadInput("not_json", str(error)) from None
         except (ValueError, RecursionError) as error:  # not JSON, too deep, too many digits
-            yield _Item(number, original, error=BadInput("not_json", str(error)))
+            raise BadInput("not_json", str(error)) from None
+    if not isinstance(record, dict):
+        raise BadInput("not_an_object", 'a line must be {"key": ..., "event": {...}}')
+    key = record.get("key")
+    if not isinstance(key, str) or not key:
+        raise BadInput("missing_key", "no device id in 'key'")
+    if not unicode and not tracker.is_unicode(key):
+        raise BadInput("invalid_key", f"the key is not UTF-8 text: {key[:64]!r}")
+    if undecodable is not None:
+        raise BadInput("not_json", str(undecodable))
+    return key, tracker.from_fields(record.get("event"), unicode=unicode)
 
 
 def _avro_items(path: Path, records: Iterator[Any]) -> Iterator[_Item]:
@@ -216,18 +335,25 @@ def _avro_items(path: Path, records: Iterator[Any]) -> Iterator[_Item]:
             yield _Item(number, record, error=error)
 
 
-def _writer(path: Path, files: ExitStack) -> _Write:
+def _writer(path: Path, files: ExitStack) -> _Output:
     if _is_avro(path):
         stream = files.enter_context(path.open("wb"))
-        writer = files.enter_context(_AvroWriter(stream))
-        return writer.write
-    out = files.enter_context(path.open("wb"))
+        return files.enter_context(_AvroWriter(stream))
+    return _JsonLinesWriter(files.enter_context(path.open("wb")))
 
-    def write_json(key: str, enriched: Enriched) -> None:
+
+class _JsonLinesWriter:
+    """A JSON Lines file: one ``{"key": ..., "event": {...}}`` per line."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    def encode(self, key: str, enriched: Enriched) -> bytes:
         fields = tracker.with_entities(enriched.event, enriched.entities)
-        out.write(tracker.dump({"key": key, "event": fields}) + b"\n")
+        return tracker.dump({"key": key, "event": fields}) + b"\n"
 
-    return write_json
+    def write(self, encoded: bytes) -> None:
+        self._stream.write(encoded)
 
 
 class _AvroWriter:
@@ -242,5 +368,8 @@ class _AvroWriter:
     def __exit__(self, *_: object) -> None:
         self._writer.flush()
 
-    def write(self, key: str, enriched: Enriched) -> None:
-        self._writer.write({"key": key, "event": avro.enriched_record(enriched)})
+    def encode(self, key: str, enriched: Enriched) -> dict[str, Any]:
+        return {"key": key, "event": avro.enriched_record(enriched)}
+
+    def write(self, encoded: dict[str, Any]) -> None:
+        self._writer.write(encoded)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,12 @@ def _batch(args: argparse.Namespace) -> int:
         store = FileModeStore(app.partition_store(settings), partitions=args.partitions)
     else:
         store = batch.MemoryStore()
+    reference_ms = args.reference_time
+    if reference_ms is None:
+        reference_ms = int(time.time() * 1000)
+    bound = batch.TimeBound(reference_ms, round(settings.max_event_ahead * 1000))
     try:
-        summary = batch.run(app.enricher(settings), args.input, args.output, store)
+        summary = batch.run(app.enricher(settings), args.input, args.output, store, bound)
     except batch.UnusableFile as error:
         print(f"enricher: {error}", file=sys.stderr)
         return 2
@@ -164,6 +170,21 @@ def _session(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_time(text: str) -> int:
+    """``--reference-time``: epoch milliseconds, or an ISO 8601 time with its offset."""
+    if text.isascii() and text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected epoch milliseconds or an ISO 8601 time, got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give the time's offset (Z or +hh:mm): {text!r}")
+    return round(moment.timestamp() * 1000)
+
+
 def _partition_count(text: str) -> int:
     """``--partitions``: a whole number, at least 1 (argparse exits 2 otherwise)."""
     try:
@@ -192,6 +213,14 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("--output", type=Path, required=True, metavar="OUT")
     _session_flags(batch)
     batch.add_argument("--input-topic", help="the service's input topic, with --redis-url")
+    batch.add_argument(
+        "--reference-time",
+        type=_reference_time,
+        metavar="T",
+        help="event times more than ENRICHER_MAX_EVENT_AHEAD past this are dead-lettered"
+        " (epoch ms or ISO 8601; default: now), as the service checks them against each"
+        " record's Kafka timestamp",
+    )
     batch.add_argument(
         "--partitions",
         type=_partition_count,

@@ -23,7 +23,10 @@ class IdDeriver:
         self._key = salt.encode()
 
     def _uuid(self, *parts: str) -> str:
-        message = "\x1f".join(parts).encode()
+        # Decoding refuses a device id that is not Unicode text (``invalid_key``); should one
+        # get here anyway, its lone surrogates are hashed as their code points instead of
+        # failing (text that is Unicode encodes exactly as before).
+        message = "\x1f".join(parts).encode("utf-8", "surrogatepass")
         digest = bytearray(hmac.new(self._key, message, hashlib.sha256).digest()[:16])
         digest[6] = (digest[6] & 0x0F) | 0x40
         digest[8] = (digest[8] & 0x3F) | 0x80

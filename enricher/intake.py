@@ -84,7 +84,7 @@ class MessageDecoder:
             try:
                 device = key.decode("utf-8")
             except UnicodeDecodeError:
-                raise BadInput("missing_key", "the key is not UTF-8 text") from None
+                raise BadInput("invalid_key", "the key is not UTF-8 text") from None
             event = self.decode(value)
             check_not_ahead(event.facts.time_ms, message.timestamp_ms, self.max_ahead_ms)
             return device, event

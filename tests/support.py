@@ -21,12 +21,15 @@ from typing import Any, Literal
 
 from hypothesis import strategies as st
 
+from enricher.batch import TimeBound
 from enricher.session import EventFacts, Lifecycle, SessionEngine, SessionState, Step
 
 REPO = Path(__file__).resolve().parent.parent
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00.000Z
 SECOND = 1000
 DAY_MS = 86_400_000
+# File mode without a reference time: event times are not checked against one.
+UNBOUNDED = TimeBound(reference_ms=0, max_ahead_ms=0)
 
 Json = dict[str, Any]
 Fields = dict[str, str]

@@ -3,6 +3,7 @@ bound of file mode in-process."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import tracemalloc
@@ -15,11 +16,16 @@ from support import (
     APPLICATION_ENTITY,
     APPLICATION_LIFECYCLE,
     CLIENT_SESSION,
+    CONTEXTS,
     KINDS,
+    SCREEN,
     SCREEN_ENTITY,
     START_MS,
+    UNBOUNDED,
     Fields,
     Json,
+    b64url,
+    compact,
     contexts_of,
     entity_of,
     event_id,
@@ -32,7 +38,10 @@ from support import (
 )
 
 from enricher import batch
+from enricher.codecs import tracker
+from enricher.codecs.tracker import MAX_DEPTH
 from enricher.enrich import Enricher
+from enricher.errors import BadInput
 from enricher.session import SessionConfig, SessionEngine
 
 SEED_DEVICE = "seed-device"
@@ -67,7 +76,7 @@ def test_seed_worked_example(tmp_path: Path) -> None:
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(source, [(SEED_DEVICE, event) for event in events])
     result = run_batch(source, target, "--foreground-timeout", "360", "--background-timeout", "15")
-    assert summary(result.stdout) == "events=3 devices=1 sessions=2 errors=0"
+    assert summary(result.stdout) == "events=3 devices=1 sessions=2 errors=0 blank=0"
     lines = read_jsonl(target)
     assert [line["key"] for line in lines] == [SEED_DEVICE] * 3
     assert [line["event"]["eid"] for line in lines] == [event_id(n) for n in (1, 2, 3)]
@@ -106,6 +115,16 @@ def raw(text: str) -> bytes:
     return text.encode() + b"\n"
 
 
+def contexts(depth: int, leaf: str = '"leaf"', field: str = "co") -> str:
+    """A ``co`` (or ``cx``) of one entity whose JSON nests ``depth`` levels, envelope included,
+    around ``leaf`` (JSON text, written as is)."""
+    levels = depth - 3
+    data = "[" * (levels // 2) + '{"k":' * (levels - levels // 2)
+    data += leaf + "}" * (levels - levels // 2) + "]" * (levels // 2)
+    text = f'{{"schema":"{CONTEXTS}","data":[{{"schema":"{SCREEN}","data":{data}}}]}}'
+    return b64url(text) if field == "cx" else text
+
+
 # (reason, the line) in file order; None marks where the next good line goes.
 MIXED: list[tuple[str | None, bytes]] = [
     (None, b""),
@@ -128,6 +147,10 @@ MIXED: list[tuple[str | None, bytes]] = [
     ("invalid_base64", line("d1", {"eid": event_id(9), "dtm": "1", "cx": "!"})),
     ("not_an_object", raw(json.dumps({"key": "d1", "event": "text"}))),
     ("non_string_field", raw(json.dumps({"key": "d1", "event": {"eid": event_id(9), "dtm": 1}}))),
+    ("invalid_key", raw(json.dumps({"key": "d1\udc00", "event": GOOD_LINES[0][1]}))),
+    ("too_deep", line("d1", {"eid": event_id(9), "dtm": "1", "co": contexts(MAX_DEPTH + 1)})),
+    ("invalid_number", line("d1", {"eid": event_id(9), "dtm": "1", "co": contexts(5, "NaN")})),
+    ("skip", b"\t\r\n"),
     (None, b""),
 ]
 
@@ -143,17 +166,24 @@ def test_bad_lines_go_to_the_errors_file(tmp_path: Path) -> None:
     result = run_batch(mixed_in, mixed_out)
     bad = [(n, reason, text) for n, (reason, text) in enumerate(MIXED, 1) if reason]
     bad = [(n, reason, text) for n, reason, text in bad if reason != "skip"]
-    assert summary(result.stdout) == f"events=4 devices=2 sessions=3 errors={len(bad)}"
+    blank = sum(reason == "skip" for reason, _ in MIXED)
+    assert blank == 3
+    assert summary(result.stdout) == (
+        f"events=4 devices=2 sessions=3 errors={len(bad)} blank={blank}"
+    )
     errors = read_jsonl(tmp_path / "mixed-out.jsonl.errors.jsonl")
     assert [(e["position"], e["reason"]) for e in errors] == [(n, r) for n, r, _ in bad]
     for error, (_, _, text) in zip(errors, bad, strict=True):
         assert error["record"] == text.decode("utf-8", errors="replace").rstrip("\n")
         assert isinstance(error["error"], str)
         assert error["error"]
+        assert error["size"] == len(text.rstrip(b"\n"))
+        assert error["sha256"] == hashlib.sha256(text.rstrip(b"\n")).hexdigest()
+        assert error["truncated"] is False
 
     # The good lines come out exactly as they do without the bad ones around them.
     clean = run_batch(clean_in, clean_out)
-    assert summary(clean.stdout) == "events=4 devices=2 sessions=3 errors=0"
+    assert summary(clean.stdout) == "events=4 devices=2 sessions=3 errors=0 blank=0"
     assert mixed_out.read_bytes() == clean_out.read_bytes()
     assert (tmp_path / "clean-out.jsonl.errors.jsonl").read_text() == ""
     out = read_jsonl(mixed_out)
@@ -165,6 +195,228 @@ def test_bad_lines_go_to_the_errors_file(tmp_path: Path) -> None:
         }
         assert contexts_of(written["event"])[:-1] == (contexts_of(sent) if key in sent else [])
     assert [e["sessionIndex"] for e in sessions_of(mixed_out)] == [1, 1, 1, 2]
+
+
+def test_blank_lines_are_counted(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = b"".join(line(*record) for record in GOOD_LINES)
+    source.write_bytes(
+        b"\n" + good + b"   \n\r\n\t \n" + line("d1", {"eid": "bad", "dtm": "1"})[:-1]
+    )
+    result = run_batch(source, target)
+    assert summary(result.stdout) == "events=4 devices=2 sessions=3 errors=1 blank=4"
+    errors = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    assert [(e["position"], e["reason"]) for e in errors] == [(9, "invalid_event_id")]
+
+
+def test_an_event_far_ahead_of_the_reference_time_is_dead_lettered(tmp_path: Path) -> None:
+    """As the service refuses an event time far ahead of its record's Kafka timestamp, file
+    mode refuses one far ahead of its reference time (default: now)."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    future = {"e": "se", "eid": "10000000-0000-4000-8000-000000000001", "dtm": "253402300799999"}
+    source.write_bytes(b"".join(line(*record) for record in GOOD_LINES) + line("d9", future))
+    result = run_batch(source, target)
+    assert summary(result.stdout).startswith("events=4 devices=2 sessions=3 errors=1")
+    errors = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    assert [e["reason"] for e in errors] == ["future_timestamp"]
+    # Against a reference time late enough, the same event is enriched.
+    result = run_batch(source, target, "--reference-time", "9999-12-31T00:00:00Z")
+    assert summary(result.stdout).startswith("events=5 devices=3 sessions=4 errors=0")
+
+
+ROGUE_KEYS: list[bytes] = [
+    b'"k\\udc00"',  # an escaped lone surrogate (the report's repro)
+    b'"k\xed\xa0\x80"',  # the same surrogate as (CESU-8) bytes
+    b'"\\ud83d"',  # half an emoji
+    b'"k\xff"',  # not UTF-8 at all
+    b'"k\xc3"',  # a UTF-8 sequence cut short
+]
+
+
+def test_a_key_that_is_not_unicode_is_dead_lettered_and_the_run_goes_on(tmp_path: Path) -> None:
+    """A device id must be UTF-8 text, as the service requires of a record's key: anything
+    else is `invalid_key`, and every line after it is still enriched."""
+    event = compact(tracker_event(event_id(9), START_MS))
+    rogue = [b'{"key":' + key + b',"event":' + event.encode() + b"}\n" for key in ROGUE_KEYS]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(
+        line(*GOOD_LINES[0]) + b"".join(rogue) + b"".join(line(*g) for g in GOOD_LINES[1:])
+    )
+    result = run_batch(source, target)
+    assert summary(result.stdout) == (
+        f"events=4 devices=2 sessions=3 errors={len(ROGUE_KEYS)} blank=0"
+    )
+    errors = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    assert [(e["position"], e["reason"]) for e in errors] == [
+        (n, "invalid_key") for n in range(2, 2 + len(ROGUE_KEYS))
+    ]
+    assert [o["event"]["eid"] for o in read_jsonl(target)] == [e["eid"] for _, e in GOOD_LINES]
+
+
+# Event values as a Kafka record would carry them, with what the service answers: the same
+# codec decides, so file mode must give the same reason for the same bytes.
+HOSTILE_EVENTS: list[bytes] = [
+    b'{"eid":"%s","dtm":"1","ti":"a\\ud800"}',
+    b'{"eid":"%s","dtm":"1","ti":"a\xed\xa0\x80"}',
+    b'{"eid":"%s","dtm":"1","a\\udc00":"x"}',
+    b'{"eid":"%s","dtm":"1","a\xed\xb0\x80":"x"}',
+    b'{"eid":"%s","dtm":"1","ti":"a\xff"}',
+    b'["%s","\xed\xa0\x80"]',
+    b'"\\udc00%s"',
+    b'{"eid":"%s","dtm":"1","ti":NaN}',
+    b'{"eid":"%s","dtm":"1","co":"{\\"schema\\":\\"x\\",\\"data\\":[{\\"t\\":\\"\\\\ud83d\\"}]}"}',
+    b'{"eid":"%s","dtm":"1","co":"{\\"schema\\":\\"x\\",\\"data\\":[{\\"t\\":NaN}]}"}',
+    b'{"eid":"%s","dtm":"1","co":"{\\"schema\\":\\"x\\",\\"data\\":[{\\"t\\":-1e400}]}"}',
+    b'{"eid":"%s","dtm":"1","co":"{\\"schema\\":\\"x\\",\\"data\\":[{\\"t\\":1.5}]}"}',
+    b'{"eid":"%s","dtm":"1","e":"ue","ue_pr":"{\\"data\\":{\\"schema\\":\\"s\\",\\"n\\":Infinity}}"}',
+]
+
+
+def stream_answer(value: bytes) -> str | None:
+    """The service's answer for a record of this value: its codec's reason, None if enriched."""
+    try:
+        tracker.decode(value)
+    except BadInput as error:
+        return error.reason
+    return None
+
+
+def test_file_mode_decodes_events_as_the_service_does(tmp_path: Path) -> None:
+    """Lone surrogates (escaped or as CESU-8 bytes) in field values and names, bytes that are
+    not UTF-8, NaN: file mode used to read its lines with the standard library alone and
+    accepted what the service refuses."""
+    values = [v % event_id(n).encode() for n, v in enumerate(HOSTILE_EVENTS, 1)]
+    expected = [stream_answer(v) for v in values]
+    assert expected.count(None) == 2  # the escaped surrogate and the float in co are fine
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(b"".join(b'{"key":"d","event":' + v + b"}\n" for v in values))
+    run_batch(source, target)
+    errors = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    got: list[str | None] = [None] * len(values)
+    for error in errors:
+        got[error["position"] - 1] = error["reason"]
+    assert got == expected
+    for written in read_jsonl(target):
+        assert contexts_of(written["event"])[-1]["schema"] == CLIENT_SESSION
+
+
+@pytest.mark.parametrize("output", ["out.jsonl", "out.avro"])
+def test_deep_and_non_finite_contexts_are_dead_lettered(tmp_path: Path, output: str) -> None:
+    """Contexts one level beyond MAX_DEPTH crashed the run (orjson cannot write them); NaN,
+    Infinity and 1e400 were written back as they came, which is not JSON. Both are dead
+    letters now; at the limit the event is enriched, to JSON and to Avro."""
+    cases: list[tuple[str | None, dict[str, str]]] = [
+        (None, {"co": contexts(MAX_DEPTH)}),
+        (None, {"cx": contexts(MAX_DEPTH, field="cx")}),
+        (None, {"co": contexts(MAX_DEPTH, "1.25")}),
+        ("too_deep", {"co": contexts(MAX_DEPTH + 1)}),
+        ("too_deep", {"cx": contexts(600, field="cx")}),
+        ("too_deep", {"co": contexts(1021 + 3)}),
+        ("invalid_number", {"co": contexts(4, "NaN")}),
+        ("invalid_number", {"co": contexts(4, "-Infinity")}),
+        ("invalid_number", {"cx": contexts(4, "Infinity", field="cx")}),
+        ("invalid_number", {"co": contexts(4, "1e400")}),
+    ]
+    source, target = tmp_path / "in.jsonl", tmp_path / output
+    write_jsonl(
+        source,
+        [
+            ("d", tracker_event(event_id(n), START_MS + n, "struct", extra=extra))
+            for n, (_, extra) in enumerate(cases, 1)
+        ],
+    )
+    result = run_batch(source, target)
+    bad = [(n, reason) for n, (reason, _) in enumerate(cases, 1) if reason]
+    assert summary(result.stdout) == f"events=3 devices=1 sessions=1 errors={len(bad)} blank=0"
+    errors = read_jsonl(target.with_name(target.name + ".errors.jsonl"))
+    assert [(e["position"], e["reason"]) for e in errors] == bad
+    events = (
+        [record["event"]["payload"] for record in read_avro(target)]
+        if output.endswith(".avro")
+        else [json.loads(text, parse_constant=not_json)["event"] for text in target.open("rb")]
+    )
+    for event, (_, extra) in zip(events, [c for c in cases if c[0] is None], strict=True):
+        entities = contexts_of(event)
+        assert [e["schema"] for e in entities] == [SCREEN, CLIENT_SESSION]
+        assert entities[0] == contexts_of(extra)[0]
+
+
+def not_json(constant: str) -> None:
+    raise AssertionError(f"{constant} in the output")
+
+
+def test_a_huge_bad_line_is_capped_in_the_errors_file(tmp_path: Path) -> None:
+    """A bad line of megabytes keeps its first 64 KiB in its error record (never cutting a
+    character), with the size and SHA-256 of the whole: the errors file stays small."""
+    pad = "é" * 2_000_000 + "x"  # two bytes a character: the cut falls inside one
+    huge = line("d", {"eid": "not-a-uuid", "dtm": "1", "pad": pad})[:-1]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(
+        huge
+        + b"\n"
+        + line(*GOOD_LINES[0])
+        + b'{"key":"d","event":['
+        + b"\xff" * 3_000_000
+        + b"]}\n"
+    )
+    result = run_batch(source, target)
+    assert summary(result.stdout) == "events=1 devices=1 sessions=1 errors=2 blank=0"
+    errors_file = tmp_path / "out.jsonl.errors.jsonl"
+    assert errors_file.stat().st_size < 2 * 3 * batch.ERROR_RECORD_BYTES
+    first, second = read_jsonl(errors_file)
+    assert first["reason"] == "invalid_event_id"
+    assert first["truncated"] is True
+    assert first["size"] == len(huge) > 4_000_000
+    assert first["sha256"] == hashlib.sha256(huge).hexdigest()
+    kept = first["record"].encode()
+    assert batch.ERROR_RECORD_BYTES - 4 < len(kept) <= batch.ERROR_RECORD_BYTES
+    assert huge.startswith(kept)  # whole characters only: no replacement character
+    assert second["reason"] == "not_json"
+    assert second["truncated"] is True
+    assert second["size"] == len(b'{"key":"d","event":[]}') + 3_000_000
+    assert len(second["record"]) <= batch.ERROR_RECORD_BYTES
+
+
+@pytest.mark.parametrize("output", ["out.jsonl", "out.avro"])
+def test_an_event_that_cannot_be_encoded_is_an_error_and_leaves_no_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    """Whatever the encoder refuses is the event's fault, as in the service: a `not_encodable`
+    error record, the device's state as if the event never came, and the run goes on."""
+    real = tracker.with_entities
+
+    def refusing(event: tracker.TrackerEvent, *args: Any, **kwargs: Any) -> Fields:
+        if event.facts.event_id == event_id(2):
+            raise TypeError("Recursion limit reached")
+        return real(event, *args, **kwargs)
+
+    monkeypatch.setattr(tracker, "with_entities", refusing)
+    source, target = tmp_path / "in.jsonl", tmp_path / output
+    write_jsonl(source, [("d", tracker_event(event_id(n), START_MS + n)) for n in (1, 2, 3)])
+    enricher = Enricher(SessionEngine(SessionConfig(salt="s")))
+    result = batch.run(enricher, source, target, batch.MemoryStore(), UNBOUNDED)
+    assert result.line() == "events=2 devices=1 sessions=1 errors=1 blank=0"
+    (error,) = read_jsonl(target.with_name(target.name + ".errors.jsonl"))
+    assert (error["position"], error["reason"]) == (2, "not_encodable")
+    if output.endswith(".avro"):
+        sessions = [r["event"]["client_session"] for r in read_avro(target)]
+    else:
+        sessions = sessions_of(target)
+    assert [s["eventIndex"] for s in sessions] == [1, 2]
+
+
+def test_a_huge_bad_avro_record_is_capped_too(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.avro", tmp_path / "out.jsonl"
+    bad = {"eid": "not-a-uuid", "dtm": "1", "pad": "x" * 1_000_000}
+    write_avro(source, [("d", bad), GOOD_LINES[0]])
+    result = run_batch(source, target)
+    assert summary(result.stdout) == "events=1 devices=1 sessions=1 errors=1 blank=0"
+    (error,) = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    whole = json.dumps({"key": "d", "event": {"payload": bad}}, ensure_ascii=False).encode()
+    assert error["truncated"] is True
+    assert error["size"] == len(whole)
+    assert error["sha256"] == hashlib.sha256(whole).hexdigest()
+    assert whole.startswith(error["record"].encode())
 
 
 # --- exit 2 ---------------------------------------------------------------------------------------
@@ -283,7 +535,7 @@ def test_avro_in_and_out_match_json_lines(tmp_path: Path) -> None:
     as_avro = run_batch(tmp_path / "in.avro", tmp_path / "out.avro", *flags)
     avro_to_json = run_batch(tmp_path / "in.avro", tmp_path / "avro-out.jsonl", *flags)
     assert summary(as_json.stdout) == summary(as_avro.stdout) == summary(avro_to_json.stdout)
-    assert summary(as_json.stdout).endswith(" errors=2")
+    assert summary(as_json.stdout).endswith(" errors=2 blank=0")
     assert (tmp_path / "avro-out.jsonl").read_bytes() == (tmp_path / "out.jsonl").read_bytes()
 
     expected = read_jsonl(tmp_path / "out.jsonl")
@@ -362,7 +614,7 @@ def peak_memory(tmp_path: Path, count: int) -> tuple[int, batch.Summary]:
     enricher = Enricher(SessionEngine(SessionConfig(salt="s")))
     tracemalloc.start()
     try:
-        result = batch.run(enricher, source, target, batch.MemoryStore())
+        result = batch.run(enricher, source, target, batch.MemoryStore(), UNBOUNDED)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -376,8 +628,12 @@ def test_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
     small, large = 2_000, 20_000
     small_peak, small_run = peak_memory(tmp_path, small)
     large_peak, large_run = peak_memory(tmp_path, large)
-    assert small_run.line() == f"events={small} devices={DEVICES} sessions={DEVICES} errors=0"
-    assert large_run.line() == f"events={large} devices={DEVICES} sessions={DEVICES} errors=0"
+    assert small_run.line() == (
+        f"events={small} devices={DEVICES} sessions={DEVICES} errors=0 blank=0"
+    )
+    assert large_run.line() == (
+        f"events={large} devices={DEVICES} sessions={DEVICES} errors=0 blank=0"
+    )
     assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
     # Far below what holding the output would take.
     assert large_peak < (tmp_path / f"out-{large}.jsonl").stat().st_size / 4

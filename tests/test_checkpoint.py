@@ -21,7 +21,15 @@ from unittest.mock import MagicMock
 import pytest
 import redis
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
-from support import START_MS, Kind, event_id, read_jsonl, tracker_event, write_jsonl
+from support import (
+    START_MS,
+    UNBOUNDED,
+    Kind,
+    event_id,
+    read_jsonl,
+    tracker_event,
+    write_jsonl,
+)
 
 from enricher import batch, config
 from enricher.checkpoint import (
@@ -511,7 +519,7 @@ def test_a_batch_commits_the_enriched_events_the_offsets_the_states_and_warms_th
     write_jsonl(
         source, [(m.key.decode(), json.loads(m.value)) for m in BATCH_1 if m.key and m.value]
     )
-    batch.run(ENRICHER, source, target, batch.MemoryStore())
+    batch.run(ENRICHER, source, target, batch.MemoryStore(), UNBOUNDED)
     assert [(line["key"].encode(), line["event"]) for line in read_jsonl(target)] == [
         (r.key, json.loads(r.value or b"")) for r in transaction.records
     ]

@@ -7,6 +7,7 @@ import io
 import json
 
 import fastavro
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from support import (
     SCREEN_ENTITY,
     SCREEN_VIEW,
     START_MS,
+    UNSTRUCT,
     Fields,
     Json,
     Kind,
@@ -109,6 +111,55 @@ def test_cx_stays_base64url_without_padding() -> None:
     }
 
 
+THEIR_SESSION: Json = {
+    "schema": "iglu:com.snowplowanalytics.snowplow/client_session/jsonschema/1-0-1",
+    "data": {"userId": "tracker", "sessionId": "tracker", "sessionIndex": 99},
+}
+
+
+@pytest.mark.parametrize(
+    ("in_co", "in_cx"),
+    [
+        ([SCREEN_ENTITY], [APPLICATION_ENTITY]),
+        ([SCREEN_ENTITY, THEIR_SESSION], [APPLICATION_ENTITY]),
+        ([SCREEN_ENTITY], [THEIR_SESSION, APPLICATION_ENTITY]),
+        ([], [APPLICATION_ENTITY, THEIR_SESSION]),
+        ([SCREEN_ENTITY, {"schema": SCREEN, "data": {"x": 1.5}}], [APPLICATION_ENTITY]),
+    ],
+    ids=["plain", "theirs-in-co", "theirs-in-cx", "co-empty", "floats"],
+)
+def test_co_and_cx_both_are_merged_into_co(in_co: list[Json], in_cx: list[Json]) -> None:
+    """Both present: the contexts of both are read (co's, then cx's), the tracker's own
+    client_session is replaced as ever, and all of it goes to co; cx is removed, so a
+    consumer that reads cx first cannot miss the entity."""
+    fields = tracker_event(EID, START_MS, entities=in_co)
+    fields["x"] = "after co"
+    fields["cx"] = b64url(contexts_envelope(in_cx))
+    fields["y"] = "after cx"
+    event = decode(fields)
+    both = [e for e in in_co + in_cx if e is not THEIR_SESSION]
+    assert event.contexts == in_co + in_cx
+    out = enrich_one(fields)
+    assert "cx" not in out
+    assert list(out) == [name for name in fields if name != "cx"]  # co stays where it was
+    assert contexts_of(out)[:-1] == both
+    assert [e["schema"] for e in contexts_of(out)[-1:]] == [CLIENT_SESSION]
+    assert {k: v for k, v in out.items() if k != "co"} == {
+        k: v for k, v in fields.items() if k not in ("co", "cx")
+    }
+    # The Avro payload is the same map; without entities to add, the event is untouched.
+    enricher = Enricher(SessionEngine(SessionConfig(salt="s")))
+    _, enriched = enricher.enrich("device-1", None, event)
+    assert avro.decode_enriched(avro.encode(enriched))["payload"] == out
+    assert tracker.with_entities(event, []) == fields
+    # Keeping the tracker's entities looks at both fields too (nothing added: untouched).
+    kept = enrich_one(fields, EntityOptions(keep_tracker_entities=True))
+    if THEIR_SESSION in in_co + in_cx:
+        assert kept == fields
+    else:
+        assert contexts_of(kept)[:-1] == in_co + in_cx
+
+
 @pytest.mark.parametrize("version", ["1-0-0", "1-0-1", "1-0-2"])
 @pytest.mark.parametrize("field", ["co", "cx"])
 def test_tracker_client_session_is_replaced(version: str, field: ContextsField) -> None:
@@ -170,6 +221,22 @@ def test_lone_surrogates_inside_contexts_survive_encoding(field: ContextsField) 
     out = tracker.encode(event, [OUR_ENTITY])
     assert field == "cx" or b"\\ud83d" in out
     assert contexts_of(json.loads(out)) == [entity, OUR_ENTITY]
+
+
+@pytest.mark.parametrize("field", ["co", "cx"])
+def test_lone_surrogates_inside_contexts_go_to_avro_as_escapes(field: ContextsField) -> None:
+    """An Avro string must be Unicode: the contexts' lone surrogate is written as its JSON
+    escape inside the payload's co, the same JSON value as the JSON codec writes."""
+    entity = {"schema": "iglu:com.acme/x/jsonschema/1-0-0", "data": {"t": "ab\ud83d", "f": 0.5}}
+    escaped = json.dumps(json.loads(contexts_envelope([entity])))
+    fields = {**tracker_event(EID, START_MS), field: b64url(escaped) if field == "cx" else escaped}
+    event = tracker.decode(json.dumps(fields).encode())
+    _, enriched = Enricher(SessionEngine(SessionConfig(salt="s"))).enrich("d", None, event)
+    payload = avro.decode_enriched(avro.encode(enriched))["payload"]
+    as_json = json.loads(tracker.encode(event, enriched.entities))
+    assert all(tracker.is_unicode(text) for text in payload.values())
+    assert contexts_of(payload) == contexts_of(as_json)
+    assert contexts_of(payload)[0] == entity
 
 
 def test_a_lone_surrogate_in_a_field_is_bad_input() -> None:
@@ -253,6 +320,36 @@ def test_contexts_are_decoded() -> None:
 GOOD: Fields = {"e": "pv", "eid": EID, "dtm": "1767225600000"}
 
 
+def deep(levels: int, leaf: object = "leaf") -> str:
+    """JSON text of ``levels`` arrays and objects, alternating, around ``leaf`` (as text: the
+    standard library cannot write the deepest)."""
+    opening = "".join("[" if level % 2 else '{"k":' for level in range(levels))
+    closing = "".join("]" if level % 2 else "}" for level in reversed(range(levels)))
+    return opening + json.dumps(leaf) + closing
+
+
+def nested(field: str, depth: int, leaf: object = "leaf") -> str:
+    """A valid ``co``/``cx``/``ue_pr``/``ue_px`` whose JSON nests exactly ``depth`` levels
+    (the envelopes included: contexts 3, a self-describing event 2)."""
+    if field in ("co", "cx"):
+        return in_field(field, deep(depth - 3, leaf))
+    return in_field(field, deep(depth - 2, leaf), ue=True)
+
+
+def in_field(field: str, data: str, *, ue: bool = False) -> str:
+    """A ``co``/``cx`` with one entity of ``data`` (JSON text), or a ``ue_pr``/``ue_px``."""
+    if ue:
+        text = f'{{"schema":"{UNSTRUCT}","data":{{"schema":"{SCREEN_VIEW}","data":{data}}}}}'
+    else:
+        text = f'{{"schema":"{CONTEXTS}","data":[{{"schema":"{SCREEN}","data":{data}}}]}}'
+    return b64url(text) if field.endswith("x") else text
+
+
+def encoded(field: str, number: str, *, ue: bool = False) -> str:
+    """A ``co``/``cx`` (or ``ue_pr``/``ue_px``) holding ``number`` as written."""
+    return in_field(field, f'{{"n":{number}}}', ue=ue)
+
+
 def with_(**changes: str | None) -> bytes:
     fields: dict[str, str] = dict(GOOD)
     for name, value in changes.items():
@@ -300,7 +397,7 @@ BAD_INPUT: list[tuple[str, bytes]] = [
     ("invalid_ue", with_(e="ue", ue_pr='{"schema": "x", "data": {"data": {}}}')),
     ("invalid_ue", with_(e="ue", ue_pr='{"schema": "x", "data": {"schema": 1}}')),
     ("invalid_ue", with_(e="ue", ue_px=b64url("{"))),
-    ("invalid_ue", with_(e="ue", ue_pr="[" * 100_000)),
+    ("too_deep", with_(e="ue", ue_pr="[" * 100_000)),
     ("invalid_contexts", with_(co="{")),
     ("invalid_contexts", with_(co="")),
     ("invalid_contexts", with_(co='{"schema": "x"}')),
@@ -308,12 +405,44 @@ BAD_INPUT: list[tuple[str, bytes]] = [
     ("invalid_contexts", with_(co='{"schema": "x", "data": [1]}')),
     ("invalid_contexts", with_(co="[]")),
     ("invalid_contexts", with_(cx=b64url("not json"))),
-    ("invalid_contexts", with_(co="[" * 100_000)),
+    ("too_deep", with_(co="[" * 100_000)),
+    ("invalid_contexts", with_(co=contexts_envelope([SCREEN_ENTITY]), cx=b64url("not json"))),
+    ("invalid_contexts", with_(co="[]", cx=b64url(contexts_envelope([SCREEN_ENTITY])))),
     ("invalid_base64", with_(cx="!!!!")),
     ("invalid_base64", with_(cx="a")),  # no length is 1 mod 4
     ("invalid_base64", with_(cx="ab cd")),
     ("invalid_base64", with_(cx=b64url(b"\xff\xfe"))),  # not UTF-8 inside
     ("invalid_base64", with_(e="ue", ue_px="%%%")),
+    ("invalid_base64", with_(co=contexts_envelope([SCREEN_ENTITY]), cx="!!!")),
+    # A lone surrogate in a field's name: Avro and UTF-8 consumers cannot carry it either.
+    ("not_json", b'{"eid": "%s", "dtm": "1", "a\\udc00": "x"}' % EID.encode()),
+    ("not_json", b'{"eid": "%s", "dtm": "1", "a\xed\xb0\x80": "x"}' % EID.encode()),
+    ("not_json", b'{"eid": "%s", "dtm": "1", "ti": "\xed\xa0\x80"}' % EID.encode()),
+    # Numbers JSON has not: the standard library reads them, and would write them back.
+    *[
+        ("invalid_number", with_(**{field: encoded(field, number)}))
+        for number in (
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "1e400",
+            "-1e400",
+            "1.8e308",
+            "1" + "0" * 400 + ".0",
+        )
+        for field in ("co", "cx")
+    ],
+    *[
+        ("invalid_number", with_(e="ue", **{field: encoded(field, number, ue=True)}))
+        for number in ("NaN", "-Infinity", "1e400")
+        for field in ("ue_pr", "ue_px")
+    ],
+    # Deeper than MAX_DEPTH: no parser-dependent answer, and never not_encodable later.
+    *[
+        ("too_deep", with_(e="ue", **{field: nested(field, depth)}))
+        for depth in (tracker.MAX_DEPTH + 1, 300, 1021, 1024, 1025, 5000)
+        for field in ("co", "cx", "ue_pr", "ue_px")
+    ],
 ]
 
 
@@ -331,11 +460,89 @@ def test_every_json_reason_has_a_case() -> None:
     json_reasons = set(REASONS) - {
         "not_avro",
         "missing_key",
+        "invalid_key",
         "unknown_schema_id",
         "oversize",
+        "not_producible",
+        "future_timestamp",
         "not_encodable",
     }
     assert covered == json_reasons
+
+
+def json_depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("leaf", ["leaf", 1.5, 2**70], ids=["exact", "float", "big-int"])
+@pytest.mark.parametrize("field", ["co", "cx", "ue_pr", "ue_px"])
+def test_json_at_the_depth_limit_is_enriched_and_encoded(field: str, leaf: object) -> None:
+    """Everything decoding accepts can be written, at the limit too: in the contexts (which the
+    encoder rewrites in its envelope, through orjson or the standard library) and in the
+    self-describing event (passed through), to JSON and to Avro."""
+    fields = {**GOOD, "e": "ue", field: nested(field, tracker.MAX_DEPTH, leaf)}
+    event = tracker.decode(compact(fields).encode())
+    enricher = Enricher(
+        SessionEngine(SessionConfig(salt="s")), EntityOptions(lifecycle_context=True)
+    )
+    _, enriched = enricher.enrich("device-1", None, event)
+    out = json.loads(tracker.encode(event, enriched.entities))
+    body = avro.encode(enriched)
+    assert avro.decode_enriched(body)["payload"] == out
+    contexts = json.loads(out["co"] if "co" in out else b64url_decode(out["cx"]))
+    assert contexts["data"][-2]["schema"] == CLIENT_SESSION
+    if field in ("co", "cx"):
+        assert json_depth(contexts) == tracker.MAX_DEPTH  # the envelope adds nothing
+        assert (
+            contexts["data"][0]
+            == json.loads(b64url_decode(fields[field]) if field == "cx" else fields[field])["data"][
+                0
+            ]
+        )
+    else:
+        assert out[field] == fields[field]
+    # One level more is refused at decoding, with its own reason.
+    fields[field] = nested(field, tracker.MAX_DEPTH + 1, leaf)
+    with pytest.raises(BadInput) as caught:
+        tracker.decode(compact(fields).encode())
+    assert caught.value.reason == "too_deep"
+    assert f"'{field}'" in caught.value.detail
+
+
+def test_the_depth_limit_is_what_orjson_can_write() -> None:
+    """MAX_DEPTH is orjson's: if a new orjson writes less, the limit must follow."""
+    orjson.dumps(orjson.loads(deep(tracker.MAX_DEPTH)))
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(orjson.loads(deep(tracker.MAX_DEPTH + 1)))
+
+
+@pytest.mark.parametrize("field", ["co", "cx", "ue_pr", "ue_px"])
+def test_extreme_finite_numbers_are_kept(field: str) -> None:
+    """The largest and smallest doubles, negative zero, and integers beyond 64 bits are JSON:
+    they go through as the standard library writes them."""
+    for number in (
+        "1.7976931348623157e308",
+        "-1.7976931348623157e308",
+        "5e-324",
+        "-0.0",
+        "1e-400",
+        "9" * 400,
+    ):
+        fields = {**GOOD, "e": "ue", field: encoded(field, number, ue=field.startswith("ue"))}
+        event = tracker.decode(compact(fields).encode())
+        out = json.loads(tracker.encode(event, [OUR_ENTITY]), parse_constant=refuse)
+        if field.startswith("ue"):
+            assert out[field] == fields[field]
+        else:
+            assert contexts_of(out)[0]["data"]["n"] == json.loads(number)
+
+
+def refuse(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
 
 
 json_values = st.recursive(
@@ -534,7 +741,7 @@ JSON_SCALARS = (
     | st.booleans()
     | st.integers()
     | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(st.characters(codec=None), max_size=6)
 )
 JSON_VALUES = st.recursive(

@@ -77,11 +77,13 @@ def encode_raw(fields: dict[str, str]) -> bytes:
 
 
 def enriched_record(enriched: Enriched) -> dict[str, Any]:
-    """The enriched event as a record of ``enriched_event.avsc``."""
+    """The enriched event as a record of ``enriched_event.avsc``: the payload as the JSON
+    codec writes it (an Avro string is Unicode text: a lone surrogate the contexts hold is
+    written as its JSON escape)."""
     session = enriched.client_session
     lifecycle = enriched.application_lifecycle
     return {
-        "payload": tracker.with_entities(enriched.event, enriched.entities),
+        "payload": tracker.with_entities(enriched.event, enriched.entities, unicode=True),
         "client_session": session["data"] if session else None,
         "application_lifecycle": lifecycle["data"] if lifecycle else None,
     }

@@ -3,7 +3,13 @@
 Decoding validates everything the enricher relies on, once, and raises
 :class:`~enricher.errors.BadInput` for anything else. Encoding keeps every input field as it
 was and puts the enricher's entities into the event's contexts, in the encoding the input
-used (``co`` stays JSON, ``cx`` stays base64url, none becomes ``co``).
+used (``co`` stays JSON, ``cx`` stays base64url, none becomes ``co``); an event with both
+has the contexts of both merged into ``co``, and its ``cx`` removed.
+
+The JSON nested in fields (``co``, ``cx``, ``ue_pr``, ``ue_px``) must be JSON any consumer
+reads back: no ``NaN``, ``Infinity`` or number beyond a double's range (``invalid_number``),
+and no deeper than :data:`MAX_DEPTH` (``too_deep``). The fields themselves must be Unicode
+text, names included (no lone surrogate): Avro and UTF-8 consumers could not carry them.
 
 JSON goes through orjson where it reads and writes exactly what the standard library does,
 only faster, and through the standard library everywhere else: what orjson refuses (lone
@@ -17,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,10 +37,11 @@ from enricher.entities import (
     FOREGROUND_EVENT_SCHEMA,
     SelfDescribing,
 )
-from enricher.errors import BadInput
+from enricher.errors import BadInput, Reason
 from enricher.session import EventFacts, Lifecycle
 
 ContextsField = Literal["co", "cx"]
+_CONTEXTS_FIELDS: tuple[ContextsField, ...] = ("co", "cx")
 
 # A JSON number with a fraction or an exponent, or of 19 digits or more, is in the text (or
 # the inside of a string merely looks so: then the standard library reads it, never wrongly).
@@ -41,6 +49,16 @@ _INEXACT_NUMBER = re.compile(r"[:\[,]\s*-?[0-9]+(?:[.eE]|[0-9]{18})")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant ISO-8601 can write
 _TIMESTAMP_FIELDS = ("dtm", "ttm", "stm")
+MAX_DEPTH = 254
+"""The deepest nesting of arrays and objects in the JSON of ``co``, ``cx``, ``ue_pr`` and
+``ue_px`` (the outermost counts as 1): deeper is ``too_deep``. 254 is the deepest orjson
+writes (its serializer refuses a 255th level), and the contexts the enricher writes are
+exactly as deep as the deepest it read (never less than the 4 levels of its own entity in
+the envelope), so everything accepted can be written; a lower limit would refuse events that
+enrich fine. The parsers alone would read up to about 1000 levels (orjson 1024, the standard
+library its recursion limit, which depends on the call stack), so without a limit of its own
+the codec accepted contexts it could not write, and its answer on a deep one depended on
+the stack it ran on. No tracker sends more than a dozen levels."""
 _LIFECYCLE_SCHEMAS = {
     BACKGROUND_EVENT_SCHEMA: Lifecycle.BACKGROUND,
     FOREGROUND_EVENT_SCHEMA: Lifecycle.FOREGROUND,
@@ -62,22 +80,26 @@ class TrackerEvent:
 
 def decode(data: bytes) -> TrackerEvent:
     """Decode one tracker-protocol event from JSON bytes."""
+    value, unicode = load(data)
+    return from_fields(value, unicode=unicode)
+
+
+def load(data: bytes) -> tuple[Any, bool]:
+    """The JSON value in ``data``, and whether its strings are known to be Unicode text: true
+    when orjson read it; else the standard library did, which also reads what orjson refuses
+    (lone surrogates, escaped or as CESU-8 bytes, ``NaN``, integers beyond 64 bits)."""
     try:
-        return from_fields(orjson.loads(data))
+        return orjson.loads(data), True
     except orjson.JSONDecodeError:
         pass
     try:
-        value = json.loads(data)
+        return json.loads(data), False
     except (ValueError, RecursionError) as error:  # also: too deep, too many integer digits
         raise BadInput("not_json", str(error)) from None
-    if isinstance(value, dict):
-        for name, text in value.items():
-            if isinstance(text, str) and not _is_unicode(text):
-                raise BadInput("not_json", f"field {name!r} holds a lone surrogate (not Unicode)")
-    return from_fields(value)
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is Unicode text, which UTF-8 can carry (no lone surrogate)."""
     try:
         text.encode()
     except UnicodeEncodeError:
@@ -85,14 +107,24 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def from_fields(value: object) -> TrackerEvent:
-    """Validate a decoded tracker-protocol object."""
+def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
+    """Validate a decoded tracker-protocol object. Unless ``unicode`` (its reader guarantees
+    Unicode text, as orjson and Avro do), every field name and value is checked to be."""
+    if not unicode and isinstance(value, dict):
+        for name, text in value.items():
+            if not is_unicode(name):
+                raise BadInput("not_json", f"field name {name[:64]!r} holds a lone surrogate")
+            if isinstance(text, str) and not is_unicode(text):
+                raise BadInput(
+                    "not_json", f"field {name[:64]!r} holds a lone surrogate (not Unicode)"
+                )
     if not isinstance(value, dict):
         raise BadInput("not_an_object", f"expected a JSON object, got {type(value).__name__}")
     for name, field_value in value.items():
         if not isinstance(field_value, str):
             raise BadInput(
-                "non_string_field", f"field {name!r} is {type(field_value).__name__}, not a string"
+                "non_string_field",
+                f"field {name[:64]!r} is {type(field_value).__name__}, not a string",
             )
     fields: dict[str, str] = value
 
@@ -102,13 +134,16 @@ def from_fields(value: object) -> TrackerEvent:
     if not _UUID.fullmatch(event_id):
         raise BadInput("invalid_event_id", f"'eid' is not a UUID: {event_id[:64]!r}")
 
+    # Both co and cx: the contexts of both (co's first), written back to co alone.
     contexts_field: ContextsField | None = None
     contexts: list[SelfDescribing] = []
     exact = True
-    if "co" in fields or "cx" in fields:
-        contexts_field = "co" if "co" in fields else "cx"
-        value, exact = _json_field(fields, contexts_field, "invalid_contexts")
-        contexts = _contexts(value)
+    for field in _CONTEXTS_FIELDS:
+        if field in fields:
+            value, exact_here = _json_field(fields, field, "invalid_contexts")
+            contexts = contexts + _contexts(value) if contexts else _contexts(value)
+            exact = exact and exact_here
+            contexts_field = contexts_field or field
 
     lifecycle: Lifecycle | None = None
     if "ue_pr" in fields or "ue_px" in fields:
@@ -135,8 +170,16 @@ def encode(event: TrackerEvent, entities: list[SelfDescribing]) -> bytes:
     return dump(with_entities(event, entities))
 
 
-def with_entities(event: TrackerEvent, entities: list[SelfDescribing]) -> dict[str, str]:
-    """The event's fields with ``entities`` added to its contexts, in the input's encoding."""
+def with_entities(
+    event: TrackerEvent, entities: list[SelfDescribing], *, unicode: bool = False
+) -> dict[str, str]:
+    """The event's fields with ``entities`` added to its contexts, in the input's encoding
+    (an event with both ``co`` and ``cx`` gets them merged into ``co``, and no ``cx``).
+
+    The contexts may hold lone surrogates (JSON escapes can write them): in ``co`` they stay
+    characters, which :func:`dump` writes back as the same escapes, unless ``unicode`` asks
+    for Unicode text (an Avro string must be), where they are written as JSON escapes
+    inside ``co``: the same JSON value."""
     if not entities:
         return event.fields
     envelope = {"schema": CONTEXTS_SCHEMA, "data": merge_entities(event.contexts, entities)}
@@ -145,7 +188,11 @@ def with_entities(event: TrackerEvent, entities: list[SelfDescribing]) -> dict[s
     if event.contexts_field == "cx":
         out["cx"] = base64.urlsafe_b64encode(_utf8(payload)).decode().rstrip("=")
     else:
+        if unicode and not event.exact_contexts and not is_unicode(payload):
+            # Outside strings JSON text is ASCII: every lone surrogate is inside a string.
+            payload = _utf8(payload).decode()
         out["co"] = payload
+        out.pop("cx", None)
     return out
 
 
@@ -194,15 +241,66 @@ def _json_field(
     raw = fields[name]
     if name.endswith("x"):
         raw = _base64url(raw, name)
+    value, read_by_orjson = _nested_json(raw, name, reason, exact)
+    # No deeper than its count of brackets: the walk only for the rare text with many.
+    if raw.count("[") + raw.count("{") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):
+        raise BadInput(
+            "too_deep", f"'{name}' nests arrays and objects more than {MAX_DEPTH} levels deep"
+        )
+    return value, read_by_orjson
+
+
+def _nested_json(raw: str, name: str, reason: Reason, exact: bool) -> tuple[Any, bool]:
     if not (exact and _INEXACT_NUMBER.search(raw)):
         try:
             return orjson.loads(raw), True
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError:  # also NaN, 1e400, lone surrogates, deeper than 1024
             pass
     try:
-        return json.loads(raw), False
-    except (ValueError, RecursionError) as error:  # also: too deep, too many integer digits
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float), False
+    except _NonFinite as number:
+        raise BadInput(
+            "invalid_number",
+            f"'{name}' holds {number}, which is no JSON number (NaN, Infinity or beyond"
+            " the range of a double)",
+        ) from None
+    except RecursionError:
+        raise BadInput(
+            "too_deep", f"'{name}' nests arrays and objects more than {MAX_DEPTH} levels deep"
+        ) from None
+    except ValueError as error:  # also: too many integer digits
         raise BadInput(reason, f"'{name}' is not valid JSON: {error}") from None
+
+
+class _NonFinite(Exception):
+    """A number JSON cannot carry, met by the standard library's parser."""
+
+
+def _no_constant(text: str) -> float:
+    """``NaN``, ``Infinity``, ``-Infinity``: the standard library reads them, JSON has none."""
+    raise _NonFinite(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: beyond a double, the parser would make it infinity
+        raise _NonFinite(text[:32])
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests arrays and objects more than ``limit`` levels deep."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 def _base64url(text: str, name: str) -> str:

@@ -69,7 +69,7 @@ def bad_records(
         ("not_an_object", record(b'["not", "an", "object"]')),
         ("missing_key", unkeyed(good, origin)),
         ("missing_key", record(dump(event()), key=b"")),
-        ("missing_key", record(dump(event()), key=b"\xff\xfedevice")),
+        ("invalid_key", record(dump(event()), key=b"\xff\xfedevice")),
         ("missing_timestamp", record(dump(event(dtm=None, stm=None, ttm=None)))),
         ("invalid_timestamp", record(dump(event(dtm="yesterday")), origin)),
         ("invalid_timestamp", record(dump(event(dtm="-1767225600000")))),
