@@ -1,5 +1,5 @@
 """Hostile records through a live ``enricher run``: a fixed set of a few hundred generated
-records (the generators of ``tests/test_fuzz.py``, derandomized) with hostile keys, values
+records (the generators of ``tests/unit/test_fuzz.py``, derandomized) with hostile keys, values
 and headers. Every input offset ends up in exactly one of the output and the dead-letter
 topic, with the answer file mode gives the same key and value; the output is strict JSON;
 and the service is still up and healthy afterwards.

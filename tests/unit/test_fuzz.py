@@ -8,7 +8,7 @@ the wrong type, huge, with lone surrogates (escaped or as CESU-8 bytes) or bytes
 UTF-8; events not objects, fields missing or of the wrong type, bad timestamps and ids, and
 contexts and self-describing events nested around the depth limit, with ``NaN``,
 ``Infinity``, ``1e400``, big integers, floats, surrogate escapes, CESU-8, huge strings and
-bad base64. ``tests/integration/test_fuzz.py`` sends the same kind of records through a live
+bad base64. ``tests/integration/test_fuzz_service.py`` sends the same kind of records through a live
 ``enricher run``.
 """
 

@@ -28,7 +28,7 @@ import pytest
 from enricher import cli, config
 from enricher.metrics import Metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -149,16 +149,19 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
 
 
+@pytest.mark.promtool
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "ops/prometheus/alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.promtool
 def test_alert_rules_unit_tests_pass() -> None:
     result = promtool("test", "rules", "ops/prometheus/alerts_test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.promtool
 def test_prometheus_config_passes_promtool_check() -> None:
     """Also resolves ``rule_files`` relative to the config, as Prometheus in compose does."""
     result = promtool("check", "config", "ops/prometheus/prometheus.yml")
@@ -326,6 +329,7 @@ def test_dashboard_shows_what_operators_need() -> None:
         assert f"histogram_quantile({quantile}, sum by (clock, le)" in text
 
 
+@pytest.mark.promtool
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """Grafana's variables replaced, each query becomes a recording rule for promtool."""
     rules = []

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.node  # runs Snowplow's tracker under Node.js
+REPO = Path(__file__).resolve().parents[2]
 ORACLE = REPO / "tests" / "oracle"
 INSTALL_HINT = "run `ops/devstack install` (it runs `npm ci` in tests/oracle)"
 

@@ -15,7 +15,7 @@ import pytest
 
 from enricher import config, redaction, validation
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Every secret the enricher can be given, each value unique so that a leak is unambiguous.
 SALT = "salt-Qx81vZ"
