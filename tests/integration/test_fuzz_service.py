@@ -1,11 +1,8 @@
 """Hostile records through a live ``enricher run``: a fixed set of a few hundred generated
-records (the generators of ``tests/unit/test_fuzz.py``, derandomized) with hostile keys, values
+records (the generators of ``tests/hostile.py``, derandomized) with hostile keys, values
 and headers. Every input offset ends up in exactly one of the output and the dead-letter
 topic, with the answer file mode gives the same key and value; the output is strict JSON;
 and the service is still up and healthy afterwards.
-
-(Named ``test_fuzz_service.py``, not ``test_fuzz.py``: the test directories are not packages,
-so two ``test_fuzz`` modules could not be collected, or type-checked, in one run.)
 """
 
 from __future__ import annotations
@@ -15,8 +12,8 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
+import hostile as fuzz
 import pytest
-import test_fuzz as fuzz
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from instances import Fleet, Headers, Input, Progress, produce_input, read_all, service_env

@@ -12,8 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from instances import Fleet, service_env, wait_for
-from stack import Stack
-from test_secrets import (
+from secret_values import (
     KAFKA_SECRETS,
     REDIS_PASSWORD,
     REDIS_QUERY_PASSWORD,
@@ -21,6 +20,7 @@ from test_secrets import (
     leaked,
     secret_env,
 )
+from stack import Stack
 
 pytest_plugins = ["instances"]
 pytestmark = pytest.mark.integration
