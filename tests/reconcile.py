@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from instances import BACKGROUND_TIMEOUT, FOREGROUND_TIMEOUT, LATENESS, client_session
+from reference import client_session
+from service_settings import BACKGROUND_TIMEOUT, FOREGROUND_TIMEOUT, LATENESS
 from stack import Record, Stack, TopicSet
 
 from enricher.codecs import session_events, tracker

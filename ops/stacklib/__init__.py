@@ -11,7 +11,7 @@ Running the stack (`ops/devstack`, whose command line is :mod:`stacklib.cli`), s
 - :mod:`stacklib.ports`: free ports and the machine-wide port-base claims;
 - :mod:`stacklib.probes`: waiting until Redis and Kafka answer (needs confluent-kafka, redis-py).
 
-Shared with tests/stack.py, tests/instances.py, bench/ and ops/demo:
+Shared with tests/stack.py, tests/instances.py, tests/progress.py, bench/ and ops/demo:
 
 - :mod:`stacklib.client`: a running stack's Kafka (AdminClient, topics, committed offsets,
   high watermarks) and Redis (clients, INFO), and running `ops/devstack` itself;

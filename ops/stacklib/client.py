@@ -2,7 +2,7 @@
 through redis-py.
 
 One client for everything that talks to the stack: ops/devstack's readiness probes
-(:mod:`stacklib.probes`), the test fixtures (tests/stack.py, tests/instances.py), the benchmark
+(:mod:`stacklib.probes`), the test fixtures (tests/stack.py, tests/progress.py), the benchmark
 (bench/stack.py) and ops/demo. Failures raise :class:`StackError` with a message; each caller
 turns it into its own kind of failure (``pytest.fail``, ``BenchError``, ``DevstackError``).
 """

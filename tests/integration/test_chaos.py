@@ -14,21 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from instances import (
-    BatchReference,
-    Feeder,
-    Fleet,
-    Instance,
-    Progress,
-    as_messages,
-    check_output,
-    produce_input,
-    read_all,
-    service_env,
-    traffic,
-    wait_for,
-)
+from feeding import Feeder, as_messages, produce_input, traffic
+from instances import Fleet, Instance, wait_for
+from progress import Progress
 from reconcile import reconcile
+from reference import BatchReference, check_output, read_all
+from service_settings import service_env
 from stack import Stack, TopicSet
 
 pytest_plugins = ["instances"]

@@ -12,18 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from instances import (
-    BatchReference,
-    Feeder,
-    Fleet,
-    Progress,
-    as_messages,
-    check_output,
-    read_all,
-    service_env,
-    traffic,
-)
+from feeding import Feeder, as_messages, traffic
+from instances import Fleet
+from progress import Progress
 from reconcile import reconcile
+from reference import BatchReference, check_output, read_all
+from service_settings import service_env
 from stack import Stack
 
 from enricher.store import partition_keys

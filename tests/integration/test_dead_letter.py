@@ -13,19 +13,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from instances import (
-    BatchReference,
-    Fleet,
-    Headers,
-    Input,
-    Progress,
-    as_messages,
-    check_output,
-    produce_input,
-    read_all,
-    service_env,
-    traffic,
-)
+from feeding import Headers, Input, as_messages, produce_input, traffic
+from instances import Fleet
+from progress import Progress
+from reference import BatchReference, check_output, read_all
+from service_settings import service_env
 from stack import Stack
 
 from enricher.service import DLQ_HEADER_PREFIX
@@ -123,6 +115,7 @@ def test_bad_records_go_to_the_dead_letter_topic_and_good_ones_are_unaffected(
     assert instance.running
     sent_after = produce_input(stack, topics.input, as_messages(second))
     progress.wait_done(DONE_TIMEOUT, fleet, expected=len(mixed) + len(second))
+    instance.wait_counted(len(mixed) + len(second))
     assert instance.running
 
     reasons_by_metric = {

@@ -14,9 +14,13 @@ from typing import Any
 
 import hostile as fuzz
 import pytest
+from feeding import Headers, Input, produce_input
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from instances import Fleet, Headers, Input, Progress, produce_input, read_all, service_env
+from instances import Fleet
+from progress import Progress
+from reference import read_all
+from service_settings import service_env
 from stack import Stack
 from support import START_MS, event_id
 

@@ -8,20 +8,10 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from instances import (
-    BACKGROUND_TIMEOUT,
-    FOREGROUND_TIMEOUT,
-    SALT,
-    Fleet,
-    Input,
-    Instance,
-    Progress,
-    as_messages,
-    produce_input,
-    service_env,
-    traffic,
-    wait_for,
-)
+from feeding import Input, as_messages, produce_input, traffic
+from instances import Fleet, Instance, wait_for
+from progress import Progress
+from service_settings import BACKGROUND_TIMEOUT, FOREGROUND_TIMEOUT, SALT, service_env
 from stack import Stack
 
 from enricher.codecs import tracker
@@ -73,6 +63,7 @@ def test_metrics_count_a_known_run(stack: Stack, fleet: Fleet) -> None:
     bad = [Input(f"bad-{i}".encode(), b"{not json") for i in range(BAD)]
     produce_input(stack, topics.input, as_messages(items) + bad)
     progress.wait_done(120, fleet, expected=EVENTS + BAD)
+    instance.wait_counted(EVENTS + BAD)
     progress.close()
 
     m = instance.metric

@@ -23,17 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from instances import (
-    BatchReference,
-    Fleet,
-    Input,
-    Progress,
-    client_session,
-    produce_input,
-    read_all,
-    service_env,
-    traffic,
-)
+from feeding import Input, produce_input, traffic
+from instances import Fleet
+from progress import Progress
+from reference import BatchReference, client_session, read_all
+from service_settings import service_env
 from stack import Stack
 
 from enricher.codecs import avro

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from instances import Fleet, service_env, wait_for
+from instances import Fleet, wait_for
 from secret_values import (
     KAFKA_SECRETS,
     REDIS_PASSWORD,
@@ -20,6 +20,7 @@ from secret_values import (
     leaked,
     secret_env,
 )
+from service_settings import service_env
 from stack import Stack
 
 pytest_plugins = ["instances"]

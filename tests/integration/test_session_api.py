@@ -13,21 +13,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from instances import (
-    BACKGROUND_TIMEOUT,
-    FOREGROUND_TIMEOUT,
-    REPO,
-    Fleet,
-    Instance,
-    Progress,
-    as_messages,
-    client_session,
-    produce_input,
-    read_all,
-    service_env,
-    traffic,
-)
+from feeding import as_messages, produce_input, traffic
+from instances import Fleet, Instance
+from progress import Progress
 from reconcile import reconcile
+from reference import client_session, read_all
+from service_settings import BACKGROUND_TIMEOUT, FOREGROUND_TIMEOUT, REPO, service_env
 from stack import Stack
 
 from enricher.generate import device_id
@@ -132,6 +123,7 @@ def test_getters_agree_with_the_last_entity_and_renew_starts_one_new_session(
     ]
     produce_input(stack, topics.input, as_messages(more))
     progress.wait_done(120, fleet, expected=EVENTS + 2)
+    instance.wait_counted(EVENTS + 2)
     output, _ = read_all(stack, topics)
     tail = [
         client_session(json.loads(r.value or b"{}"))

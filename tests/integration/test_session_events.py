@@ -8,18 +8,11 @@ import itertools
 from typing import Any
 
 import pytest
-from instances import (
-    BACKGROUND_TIMEOUT,
-    FOREGROUND_TIMEOUT,
-    LATENESS,
-    SALT,
-    Fleet,
-    Progress,
-    as_messages,
-    produce_input,
-    read_all,
-    service_env,
-)
+from feeding import as_messages, produce_input
+from instances import Fleet
+from progress import Progress
+from reference import read_all
+from service_settings import BACKGROUND_TIMEOUT, FOREGROUND_TIMEOUT, LATENESS, SALT, service_env
 from stack import Stack
 from support import SECOND, START_MS, Kind, event_id, tracker_event
 
@@ -76,6 +69,7 @@ def test_sessions_end_by_the_next_event_or_the_watermark(stack: Stack, fleet: Fl
         produce_input(stack, topics.input, as_messages(items))
         sent += len(items)
         progress.wait_done(120, fleet, expected=sent)
+        instance.wait_counted(sent)
 
     feed(
         events(

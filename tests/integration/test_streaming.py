@@ -6,20 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from instances import (
-    BatchReference,
-    Fleet,
-    Headers,
-    Progress,
-    as_messages,
-    check_output,
-    client_session,
-    produce_input,
-    read_all,
-    service_env,
-    traffic,
-)
+from feeding import Headers, as_messages, produce_input, traffic
+from instances import Fleet
+from progress import Progress
 from reconcile import reconcile
+from reference import BatchReference, check_output, client_session, read_all
+from service_settings import service_env
 from stack import Stack
 
 pytest_plugins = ["instances"]
@@ -53,6 +45,7 @@ def test_one_instance_publishes_every_event_once_equal_to_batch(
 
     sent = produce_input(stack, topics.input, as_messages(items, headers_for))
     progress.wait_done(DONE_TIMEOUT, fleet, expected=EVENTS)
+    instance.wait_counted(EVENTS)
     assert instance.metric("enricher_records_produced_total") == EVENTS
     assert instance.metric("enricher_records_dead_lettered_total") == 0
 

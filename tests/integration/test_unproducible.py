@@ -27,20 +27,11 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ConfigResource,
     ResourceType,
 )
-from instances import (
-    BatchReference,
-    Fleet,
-    Input,
-    Instance,
-    Progress,
-    as_messages,
-    check_output,
-    produce_input,
-    read_all,
-    service_env,
-    traffic,
-    wait_for,
-)
+from feeding import Input, as_messages, produce_input, traffic
+from instances import Fleet, Instance, wait_for
+from progress import Progress
+from reference import BatchReference, check_output, read_all
+from service_settings import service_env
 from stack import Stack
 
 from enricher.service import DLQ_HEADER_PREFIX
@@ -108,6 +99,7 @@ def test_records_too_large_for_kafka_become_dead_letters_and_the_partition_moves
     assert large.flush(30) == 0
     sent += produce_input(stack, topics.input, [grows, *after])
     progress.wait_done(DONE_TIMEOUT, fleet, expected=len(sent) + 1)
+    instance.wait_counted(len(sent) + 1)
     assert instance.running
     assert health(instance) == 200
     aborted = instance.metric("enricher_transactions_total", 'outcome="aborted"')
@@ -166,6 +158,7 @@ def test_a_record_the_broker_refuses_is_dead_lettered_on_the_replay(
 
     sent = produce_input(stack, topics.input, [*messages[:200], refused, *messages[200:]])
     progress.wait_done(DONE_TIMEOUT, fleet, expected=len(sent))
+    instance.wait_counted(len(sent))
     assert instance.running
     dead_lettered = instance.metric(
         "enricher_records_dead_lettered_total", 'reason="not_producible"'
