@@ -320,15 +320,17 @@ class Checkpoint:
 
     def _committed_in(self, partition: int, batch: PartitionBatch) -> CommittedState:
         """The committed state of a device of the partition, from the cache or from its
-        packed record."""
+        packed record, and whether that record was written by a batch that never committed."""
         cache = self.owned[partition].cache
+        codec = self.store.codec
 
-        def committed(device: str, data: bytes | None) -> SessionState | None:
+        def committed(device: str, data: bytes | None) -> tuple[SessionState | None, bool]:
             if device in cache:
-                return cache[device]
+                return cache[device], False
             if data is None:
-                return None
-            return self.store.codec.state_before(device, data, batch.start)
+                return None, False
+            unsettled = codec.offset_of(device, data) >= batch.start
+            return codec.state_before(device, data, batch.start), unsettled
 
         return committed
 

@@ -83,6 +83,10 @@ class RecordCodec:
             return None
         return self._unpack_state(device_id, data, _state_end(data, _HEADER.size))[0]
 
+    def offset_of(self, device_id: str, data: bytes) -> int:
+        """The input offset of the last event a record's state applied."""
+        return self._header(device_id, data)[1]
+
     @staticmethod
     def _header(device_id: str, data: bytes) -> tuple[int, int]:
         version, flags, offset = _HEADER.unpack_from(data)

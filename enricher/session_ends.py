@@ -31,8 +31,14 @@ from enricher.store import ClockQuery, Expiring, PartitionWrite
 # rest wait for the next batches.
 EXPIRING_PER_BATCH = 2000
 
-CommittedState = Callable[[str, bytes | None], SessionState | None]
-"""A device's committed state: the cached one, else the one its packed record holds (or None)"""
+# The expiry score of a device whose session a batch declared ended, and of one whose record a
+# batch that has not committed (yet) wrote: below every watermark, so that every later batch
+# takes it first, whatever the limit of candidates, until a committed batch settles it.
+UNSETTLED_SCORE = -1
+
+CommittedState = Callable[[str, bytes | None], tuple[SessionState | None, bool]]
+"""A device's committed state: the cached one, else the one its packed record holds (or
+None); and whether that record was written by a batch that never committed (yet)"""
 
 
 @dataclass(slots=True)
@@ -110,7 +116,6 @@ class SessionEnds:
         self.expiring: dict[int, Expiring] = {}
         self.rescored: dict[int, dict[str, int]] = {}
         self.unscored: dict[int, list[str]] = {}
-        self.declared: dict[int, list[str]] = {}
         self.watermarks_ms: dict[int, int] = {}
 
     def observe(self, partition: int, event_ms: int, kafka_ms: int) -> None:
@@ -142,10 +147,11 @@ class SessionEnds:
         batch's devices, and those the store found among the others (whose committed state
         ``committed`` gives). Updates ``batch`` with the states that remember the ends.
 
-        A device a batch that never committed declared ended (``pending``) is written again
-        from its committed state even when this batch's watermark has not passed it: its
-        record would otherwise read as committed, ended, once the partition's committed offset
-        passes the offset that batch wrote it with, and its end would never be published."""
+        A device found here and declared ended is scored :data:`UNSETTLED_SCORE`, and so is a
+        device whose record a batch that never committed wrote: a replay cut differently, its
+        candidates capped, could otherwise commit past that record without rewriting it, and
+        the record (ended) would then read as committed, its end never published. Scored so,
+        it is the first candidate of every batch until a committed batch settles it."""
         expiring = self.expiring.get(partition)
         if expiring is None or expiring.clock_ms is None:
             return []
@@ -159,23 +165,19 @@ class SessionEnds:
                 events.append(event)
         self.unscored[partition] = unscored = []
         self.rescored[partition] = rescored = {}
-        self.declared[partition] = declared = []
         for device, data in expiring.records.items():
             if device in states:
                 continue
-            known = committed(device, data)
-            if known is None:
-                unscored.append(device)
-            elif session_events.expired(known, watermark):
+            known, unsettled = committed(device, data)
+            if known is not None and session_events.expired(known, watermark):
                 batch.starting[device] = known
                 states[device], event = session_events.declare_ended(device, known, watermark)
                 batch.offsets[device] = batch.end
-                declared.append(device)
+                rescored[device] = UNSETTLED_SCORE
                 events.append(event)
-            elif device in expiring.pending:
-                batch.starting[device] = states[device] = known
-                batch.offsets[device] = batch.end
-            elif known.ended:
+            elif unsettled:
+                rescored[device] = UNSETTLED_SCORE
+            elif known is None or known.ended:
                 unscored.append(device)
             else:
                 rescored[device] = known.expires_ms
@@ -186,17 +188,19 @@ class SessionEnds:
         expiring = self.expiring.get(partition)
         if expiring is None or expiring.clock_ms is None:
             return write
-        scores = dict(self.rescored.get(partition, {}))
+        rescored = self.rescored.get(partition, {})
+        scores = dict(rescored)
         unscored = list(self.unscored.get(partition, []))
         for device, state in batch.states.items():
+            if device in rescored:
+                continue
             score = expiry_score(state, batch.starting[device])
             if score is None:
                 unscored.append(device)
             else:
                 scores[device] = score
         clock = (expiring.clock_ms, batch.end, expiring.committed_ms)
-        declared = self.declared.get(partition, [])
-        return write._replace(clock=clock, scores=scores, unscored=unscored, declared=declared)
+        return write._replace(clock=clock, scores=scores, unscored=unscored)
 
 
 def expiry_score(state: SessionState, starting: SessionState | None) -> int | None:

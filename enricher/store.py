@@ -8,10 +8,7 @@ Layout, per input partition (one Redis Cluster slot each, through the hash tag):
   and the partition's event-time clock for the session events topic;
 * ``<prefix>{<topic>:<partition>}:renews`` - a hash: device id -> renew requests;
 * ``<prefix>{<topic>:<partition>}:expiries`` - a sorted set of devices whose session may not
-  be declared ended yet, scored no later than its expiry (session events topic only);
-* ``<prefix>{<topic>:<partition>}:declared`` - a sorted set of devices the watermark declared
-  ended, scored by the last offset of the batch that did, so that the replay of a batch that
-  never committed settles each of them again (session events topic only).
+  be declared ended yet, scored no later than its expiry (session events topic only).
 
 Writes go through the fenced scripts of :mod:`enricher.scripts`: they check the partition's
 epoch, bumped by every new owner, so a zombie cannot write at all once the partition has moved.
@@ -61,9 +58,6 @@ class Expiring(NamedTuple):
     records: dict[str, bytes | None]
     """each device's packed record (None: none), unpacked only when its state is not cached
     (:meth:`RecordCodec.state_before`)"""
-    pending: frozenset[str] = frozenset()
-    """devices among ``records`` that a batch that never committed declared ended: the batch
-    must write their committed state again, expired or not"""
 
 
 class Loaded(NamedTuple):
@@ -83,8 +77,6 @@ class PartitionWrite(NamedTuple):
     """device -> expiry score to set"""
     unscored: Sequence[str] = ()
     """devices to drop from the expiries"""
-    declared: Sequence[str] = ()
-    """devices the watermark declared ended (indexed by the clock's offset)"""
 
 
 class Fenced(RuntimeError):
@@ -114,20 +106,16 @@ class PartitionKeys(NamedTuple):
     """device id -> how many renews were requested for it (only ever incremented)"""
     expiries: str
     """device -> no later than its session's expiry, while its end may not be declared yet"""
-    declared: str
-    """device -> last offset of the batch whose watermark declared its session ended"""
 
 
-def keys_of(keys: PartitionKeys) -> tuple[str, str, str, str, str]:
+def keys_of(keys: PartitionKeys) -> tuple[str, str, str]:
     """The keys every script takes, in order."""
-    return keys.devices, keys.meta, keys.expiries, keys.renews, keys.declared
+    return keys.devices, keys.meta, keys.expiries
 
 
 def partition_keys(prefix: str, topic: str, partition: int) -> PartitionKeys:
     tag = f"{prefix}{{{topic}:{partition}}}"
-    return PartitionKeys(
-        f"{tag}:devices", f"{tag}:meta", f"{tag}:renews", f"{tag}:expiries", f"{tag}:declared"
-    )
+    return PartitionKeys(f"{tag}:devices", f"{tag}:meta", f"{tag}:renews", f"{tag}:expiries")
 
 
 class PartitionStore:
@@ -175,8 +163,7 @@ class PartitionStore:
             keys = self.keys(partition)
             batch_clock = "" if query.batch_clock_ms is None else query.batch_clock_ms
             args = (query.start, batch_clock, query.lateness_ms, query.limit)
-            names = keys_of(keys)
-            pipe.execute_command("EVAL", EXPIRING_SCRIPT, len(names), *names, *args)
+            pipe.execute_command("EVAL", EXPIRING_SCRIPT, 3, *keys_of(keys), *args)
         replies = iter(pipe.execute())
         states: dict[int, dict[str, SessionState]] = {p: {} for p in wanted}
         for partition, start, devices in requests:
@@ -194,16 +181,11 @@ class PartitionStore:
             }
         expiring: dict[int, Expiring] = {}
         for partition, _ in queries:
-            committed, clock, devices, records, pending, pending_records = next(replies)
-            candidates = dict(zip((raw.decode() for raw in pending), pending_records, strict=True))
-            candidates.update(
-                (raw.decode(), data) for raw, data in zip(devices, records, strict=True)
-            )
+            committed, clock, devices, records = next(replies)
             expiring[partition] = Expiring(
                 None if committed is None else int(committed),
                 None if clock is None else int(clock),
-                candidates,
-                frozenset(raw.decode() for raw in pending),
+                {raw.decode(): data for raw, data in zip(devices, records, strict=True)},
             )
         return Loaded(states, counts, expiring)
 
@@ -221,13 +203,17 @@ class PartitionStore:
         record = self.codec.unpack(device, data) if data is not None else None
         return record, int(renews or 0)
 
-    def _fenced_scripts(self, calls: Mapping[int, tuple[str, list[Any]]]) -> dict[int, Any]:
+    def _fenced_scripts(
+        self, calls: Mapping[int, tuple[str, list[Any]]], *, renews: bool = False
+    ) -> dict[int, Any]:
         """Run one fenced script per partition (``{partition: (script, args)}``), pipelined;
-        the replies by partition. Raises :class:`Fenced` naming every partition whose epoch
-        moved on (the scripts of the others have run)."""
+        the replies by partition. The scripts take the keys every script takes, and with
+        ``renews`` the renews hash after them. Raises :class:`Fenced` naming every partition
+        whose epoch moved on (the scripts of the others have run)."""
         pipe = self.client.pipeline(transaction=False)
         for partition, (script, args) in calls.items():
-            names = keys_of(self.keys(partition))
+            keys = self.keys(partition)
+            names = [*keys_of(keys), keys.renews] if renews else keys_of(keys)
             pipe.execute_command("EVAL", script, len(names), *names, *args)
         replies: dict[int, Any] = {}
         fenced = []
@@ -252,14 +238,12 @@ class PartitionStore:
             if write.clock is not None:
                 value, offset, before = write.clock
                 clock = [value, offset, "" if before is None else before]
-            counts = [len(write.records), len(write.scores), len(write.unscored)]
-            args: list[Any] = [write.epoch, *clock, *counts]
+            args: list[Any] = [write.epoch, *clock, len(write.records), len(write.scores)]
             for device, data in write.records.items():
                 args += (device, data)
             for device, score in write.scores.items():
                 args += (score, device)
             args += write.unscored
-            args += write.declared
             calls[partition] = (WRITE_SCRIPT, args)
         self._fenced_scripts(calls)
 
@@ -274,7 +258,7 @@ class PartitionStore:
             partition: (SWEEP_SCRIPT, [epoch, cursor, cutoff_ms, count, LAST_EVENT_AT])
             for partition, (epoch, cursor) in slices.items()
         }
-        replies = self._fenced_scripts(calls)
+        replies = self._fenced_scripts(calls, renews=True)
         return {p: (int(reply[0]), int(reply[1])) for p, reply in replies.items()}
 
 

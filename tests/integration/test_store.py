@@ -229,31 +229,3 @@ def test_the_clock_and_the_expiries_follow_the_snapshot_rule(store: PartitionSto
     assert expiring(10, None) == (22_000, 22_000, {"a": ended})
     with pytest.raises(Fenced):
         store.save({5: write._replace(epoch=epoch - 1)})
-
-
-def test_ends_declared_by_a_batch_that_never_committed_are_found_whatever_the_limit(
-    store: PartitionStore,
-) -> None:
-    epoch = store.fence([6])[6]
-    quiet = [replace(state(f"q{i}", 1, 1000), expires_ms=5000 + i) for i in range(3)]
-    records = {f"q{i}": store.codec.pack(s, 1, None) for i, s in enumerate(quiet)}
-    scores = {f"q{i}": s.expires_ms for i, s in enumerate(quiet)}
-    store.save({6: PartitionWrite(epoch, records, (10_000, 1, None), scores)})
-    # A batch ending at offset 9 declares q2 ended, then never commits.
-    ended = replace(quiet[2], ended=True, ends_declared=1)
-    write = PartitionWrite(
-        epoch, {"q2": store.codec.pack(ended, 9, quiet[2])}, (30_000, 9, 10_000), declared=["q2"]
-    )
-    store.save({6: write})
-
-    def found(start: int) -> tuple[set[str], frozenset[str]]:
-        query = ClockQuery(start, 30_000, lateness_ms=1000, limit=1)
-        expiring = store.load({}, None, {6: query}).expiring[6]
-        return set(expiring.records), expiring.pending
-
-    # Its replays (starting at or before 9) get q2 beside the one candidate the limit allows.
-    assert found(2) == ({"q0", "q2"}, frozenset({"q2"}))
-    assert found(9) == ({"q0", "q2"}, frozenset({"q2"}))
-    # Past 9 the declaration is committed history: dropped from the index.
-    assert found(10) == ({"q0"}, frozenset())
-    assert found(2) == ({"q0"}, frozenset())

@@ -242,7 +242,6 @@ class InMemoryStore:
         self.meta: dict[int, dict[str, int]] = {}
         self.renews: dict[int, dict[str, int]] = {}
         self.expiries: dict[int, dict[str, int]] = {}
-        self.declared: dict[int, dict[str, int]] = {}
         self.loads: list[dict[int, tuple[int, list[str]]]] = []
         self.applied: list[tuple[int, PartitionWrite]] = []
         self.fail_next_load: Exception | None = None
@@ -289,9 +288,6 @@ class InMemoryStore:
         return Loaded(states, counts, expiring)
 
     def _expiring(self, partition: int, query: ClockQuery) -> Expiring:
-        declared = self.declared.setdefault(partition, {})
-        for device in [d for d, offset in declared.items() if offset < query.start]:
-            del declared[device]
         meta = self.meta.get(partition, {})
         clock = meta.get("clock")
         if clock is not None and meta["clock_offset"] >= query.start:
@@ -306,9 +302,7 @@ class InMemoryStore:
         scores = self.expiries.get(partition, {})
         found = sorted((score, d) for d, score in scores.items() if score < watermark)
         records = self.devices.get(partition, {})
-        candidates = {d: records.get(d) for d in declared}
-        candidates.update({d: records.get(d) for _, d in found[: query.limit]})
-        return Expiring(clock, newest, candidates, frozenset(declared))
+        return Expiring(clock, newest, {d: records.get(d) for _, d in found[: query.limit]})
 
     def save(self, writes: Mapping[int, PartitionWrite]) -> None:
         if self.fail_next_save is not None:
@@ -345,14 +339,11 @@ class InMemoryStore:
         expiries.update(write.scores)
         for device in write.unscored:
             expiries.pop(device, None)
-        if write.clock is not None:
-            declared = self.declared.setdefault(partition, {})
-            declared.update(dict.fromkeys(write.declared, write.clock[1]))
 
     def contents(self) -> tuple[object, ...]:
         """Everything but the epochs, to compare two stores."""
         meta = {p: {k: v for k, v in m.items() if k != "epoch"} for p, m in self.meta.items()}
-        return self.devices, self.expiries, self.renews, meta, self.declared
+        return self.devices, self.expiries, self.renews, meta
 
 
 class World:
