@@ -14,6 +14,7 @@ from bench.common import BenchError, say
 from bench.stack import Kafka
 from enricher import generate
 from enricher.codecs import tracker
+from enricher.output import produce_waiting
 
 Payload = tuple[bytes, bytes]  # (key, value) as produced
 PROGRESS_EVERY = 100_000
@@ -60,15 +61,6 @@ class Delivery:
             )
 
 
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes, report: Delivery) -> None:
-    while True:
-        try:
-            producer.produce(topic, value=value, key=key, on_delivery=report)
-            return
-        except BufferError:
-            producer.poll(0.05)
-
-
 @dataclass(frozen=True)
 class Preloaded:
     devices: int  # distinct devices in the traffic
@@ -87,7 +79,9 @@ def preload(kafka: Kafka, topic: str, traffic: generate.Traffic, jsonl: Path) ->
         for count, (key, event) in enumerate(generate.events(traffic), start=1):
             devices.add(key)
             latest_ms = max(latest_ms, int(event["dtm"]))
-            _produce(out, topic, key.encode(), tracker.dump(event), report)
+            produce_waiting(
+                out, topic, key=key.encode(), value=tracker.dump(event), on_delivery=report
+            )
             lines.write(tracker.dump({"key": key, "event": event}) + b"\n")
             out.poll(0)
             if count % PROGRESS_EVERY == 0:
@@ -132,7 +126,7 @@ def feed(kafka: Kafka, topic: str, items: list[Payload], rate: float) -> Fed:
         now = time.monotonic()
         due = min(len(items), int((now - started) * rate) + 1)
         for key, value in items[sent:due]:
-            _produce(out, topic, key, value, report)
+            produce_waiting(out, topic, key=key, value=value, on_delivery=report)
         sent = max(sent, due)
         out.poll(0)
         if now >= next_report:

@@ -24,6 +24,7 @@ from stack import Stack
 
 from enricher import generate
 from enricher.codecs import tracker
+from enricher.output import produce_waiting
 
 Headers = tuple[tuple[str, bytes | None], ...]
 Event = dict[str, str]
@@ -105,14 +106,9 @@ def _produce(
         if pace is not None:
             pace(index)
         headers = list(m.headers) if m.headers else None
-        while True:
-            try:
-                producer.produce(
-                    topic, key=m.key, value=m.value, headers=headers, on_delivery=delivered(index)
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce_waiting(
+            producer, topic, key=m.key, value=m.value, headers=headers, on_delivery=delivered(index)
+        )
         producer.poll(0)
 
 
