@@ -7,6 +7,7 @@ builds a store, an enricher, a service or a lookup.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from enricher.session import SessionEngine
 from enricher.store import PartitionStore, connect
 
 log = logging.getLogger("enricher")
+_ALARM_SLACK_SECONDS = 5
 
 
 def enricher(settings: Settings) -> Enricher:
@@ -115,6 +117,9 @@ def run_service(settings: Settings) -> int:
         deadline = threading.Timer(settings.shutdown_timeout, _overdue, (settings,))
         deadline.daemon = True
         deadline.start()
+        # The backstop, should a call into librdkafka hold the GIL past the deadline: SIGALRM's
+        # default action ends the process without Python.
+        signal.alarm(math.ceil(settings.shutdown_timeout) + _ALARM_SLACK_SECONDS)
         second = signal.Signals(signal.sigwait(stop_signals))
         log.warning("second %s: exiting now", second.name)
         os._exit(130)

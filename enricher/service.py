@@ -133,7 +133,15 @@ class Service:
         self.stopping.set()
 
     def close(self) -> None:
+        """Leave the group: unsubscribe, serve the revocations until nothing is assigned, then
+        close. (Closing while the cooperative protocol is still handing partitions over can
+        hang librdkafka's close, holding the GIL, so that not even the shutdown deadline can
+        run: librdkafka issue 4527.)"""
         log.info("leaving the consumer group")
+        self.consumer.unsubscribe()
+        deadline = time.monotonic() + self.settings.shutdown_timeout / 2
+        while self.consumer.assignment() and time.monotonic() < deadline:
+            self.consumer.poll(0.1)  # rebalance callbacks; a message here is not committed
         self.consumer.close()
         self.producer.flush(self.settings.shutdown_timeout)
 
