@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import fastavro
 import pytest
+from hostile import stream_answer
 from support import (
     APPLICATION_ENTITY,
     APPLICATION_LIFECYCLE,
@@ -41,7 +42,6 @@ from enricher import batch
 from enricher.codecs import tracker
 from enricher.codecs.tracker import MAX_DEPTH
 from enricher.enrich import Enricher
-from enricher.errors import BadInput
 from enricher.session import SessionConfig, SessionEngine
 
 SEED_DEVICE = "seed-device"
@@ -270,15 +270,6 @@ HOSTILE_EVENTS: list[bytes] = [
     b'{"eid":"%s","dtm":"1","co":"{\\"schema\\":\\"x\\",\\"data\\":[{\\"t\\":1.5}]}"}',
     b'{"eid":"%s","dtm":"1","e":"ue","ue_pr":"{\\"data\\":{\\"schema\\":\\"s\\",\\"n\\":Infinity}}"}',
 ]
-
-
-def stream_answer(value: bytes) -> str | None:
-    """The service's answer for a record of this value: its codec's reason, None if enriched."""
-    try:
-        tracker.decode(value)
-    except BadInput as error:
-        return error.reason
-    return None
 
 
 def test_file_mode_decodes_events_as_the_service_does(tmp_path: Path) -> None:
