@@ -208,7 +208,7 @@ class Checkpoint:
             if isinstance(item, BadInput):
                 continue
             partition, (device, event) = message.partition, item
-            self.ends.observe(partition, event.facts.time_ms, message.timestamp_ms)
+            self.ends.observe(partition, event.time_ms, message.timestamp_ms)
             starting = self.partitions[partition].starting
             if device in starting:
                 continue
@@ -276,7 +276,7 @@ class Checkpoint:
             outcome.sessions_started[cause] = outcome.sessions_started.get(cause, 0) + 1
         visibility = "background" if step.state.in_background else "foreground"
         outcome.events_by_state[visibility] = outcome.events_by_state.get(visibility, 0) + 1
-        outcome.device_times_ms.append(event.facts.time_ms)
+        outcome.device_times_ms.append(event.time_ms)
         outcome.kafka_times_ms.append(message.timestamp_ms)
 
     def _dead_letter(self, message: InputMessage, error: BadInput) -> None:

@@ -86,7 +86,7 @@ class MessageDecoder:
             except UnicodeDecodeError:
                 raise BadInput("invalid_key", "the key is not UTF-8 text") from None
             event = self.decode(value)
-            check_not_ahead(event.facts.time_ms, message.timestamp_ms, self.max_ahead_ms)
+            check_not_ahead(event.time_ms, message.timestamp_ms, self.max_ahead_ms)
             return device, event
         except BadInput as error:
             return error
