@@ -1,10 +1,11 @@
 """``python -m bench``: the whole benchmark, from ``ops/devstack up`` to the results files.
 
 Order: stack up, preload the input, then per run the passthrough, ``enricher run``, ``enricher
-run`` with the session events topic and ``enricher batch`` in turn (interleaved, so that a
-change in the machine's load hits every mode alike), then one latency run per streaming mode
-at half of its median rate (the lifecycle variant has none), then the Redis memory per device.
-Whatever happens, every process it started is stopped and the stack is taken down.
+run`` with the session events topic, ``enricher batch`` and the codec floor (``bench.floor``)
+in turn (interleaved, so that a change in the machine's load hits every mode alike), then one
+latency run per streaming mode at half of its median rate (the lifecycle variant has none),
+then the Redis memory per device. Whatever happens, every process it started is stopped and
+the stack is taken down.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
     enricher: list[StreamRun] = []
     sessions: list[StreamRun] = []
     batch: list[Window] = []
+    floor: list[Window] = []
     summary = ""
     for index in range(1, plan.runs + 1):
         passthrough.append(measure.throughput_run(lab, "passthrough", index))
@@ -158,6 +160,7 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         sessions.append(measure.throughput_run(lab, "sessions", index))
         window, summary = measure.batch_run(lab, source, index)
         batch.append(window)
+        floor.append(measure.floor_run(lab, source, index))
     source.unlink()
 
     rates = {
@@ -189,6 +192,7 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         enricher=Streaming(enricher, plan.events, preloaded.devices, latencies["enricher"]),
         sessions=Throughput(sessions, plan.events, preloaded.devices),
         batch=Batch(batch, summary),
+        floor=Batch(floor, f"events={plan.events}"),
         memory=memory,
     )
 

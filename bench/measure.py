@@ -66,12 +66,16 @@ class Lab:
             env["ENRICHER_SESSION_EVENTS_TOPIC"] = sessions_topic(target)
         return self.children.start(name, STREAMING_ARGV[mode], env)
 
-    def run_batch(self, name: str, source: Path, *extra: str) -> tuple[Window, str]:
-        """``enricher batch`` on ``source`` to completion: the whole process as the window,
-        and the summary line it printed."""
+    def run_batch(
+        self, name: str, source: Path, *extra: str, module: str = "enricher batch"
+    ) -> tuple[Window, str]:
+        """``enricher batch`` (or ``module``, run as ``python -m``, with the same ``--input``
+        and ``--output``) on ``source`` to completion: the whole process as the window, and
+        the summary line it printed."""
         target = self.work / f"{name}.out.jsonl"
-        argv = [sys.executable, "-m", "enricher", "batch", "--input", str(source)]
-        argv += ["--output", str(target), "--salt", SALT, *extra]
+        argv = [sys.executable, "-m", *module.split(), "--input", str(source)]
+        argv += ["--output", str(target)]
+        argv += [] if module == "bench.floor" else ["--salt", SALT, *extra]
         env = {**clean_environment(), "ENRICHER_REDIS_KEY_PREFIX": f"{name}:"}
         started = time.monotonic()
         child = self.children.start(name, argv, env)
@@ -196,6 +200,16 @@ def batch_run(lab: Lab, source: Path, index: int) -> tuple[Window, str]:
         f" {window.cpu_per_1k:.3f} CPU s per 1k events ({summary})"
     )
     return window, summary
+
+
+def floor_run(lab: Lab, source: Path, index: int) -> Window:
+    """The codec floor (:mod:`bench.floor`) on the file ``enricher batch`` reads."""
+    window, _ = lab.run_batch(f"bench-floor-{index}", source, module="bench.floor")
+    say(
+        f"codec floor run {index}: {window.events / window.cpu_seconds:,.0f} events per CPU"
+        f" second, {window.cpu_per_1k:.3f} CPU s per 1k events"
+    )
+    return window
 
 
 def memory_run(lab: Lab, devices: int, seed: int) -> Memory:

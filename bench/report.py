@@ -33,7 +33,7 @@ def _runs(rates: list[float]) -> str:
 def markdown(results: Results) -> str:
     plan, machine = results.plan, results.machine
     passthrough, enricher, batch = results.passthrough, results.enricher, results.batch
-    sessions = results.sessions
+    sessions, floor = results.sessions, results.floor
     rows = [
         [
             "passthrough: decode, encode, produce, transactions; no state",
@@ -63,9 +63,19 @@ def markdown(results: Results) -> str:
         ],
         ["enricher, at-least-once", UNSUPPORTED, *[""] * 6],
         [
+            "codec floor: orjson decode, one entity into `co`, encode; no rules (batch's ceiling)",
+            _rate(floor.rate),
+            "1.00 (floor)",
+            "n/a",
+            "n/a",
+            "n/a",
+            f"{floor.cpu_per_1k:.3f}",
+            "none",
+        ],
+        [
             "batch mode (`enricher batch`, one core, state in memory)",
             _rate(batch.rate),
-            f"{results.ratio(batch.rate):.2f}",
+            f"{results.floor_ratio():.2f} (floor)",
             "n/a",
             "n/a",
             "n/a",
@@ -76,7 +86,7 @@ def markdown(results: Results) -> str:
     header = [
         "mode",
         "events/s",
-        "x passthrough",
+        "x ceiling",
         "p50 latency",
         "p99 latency",
         "offered load",
@@ -114,7 +124,11 @@ def markdown(results: Results) -> str:
         f"Runs, events/s: passthrough {_runs([r.window.rate for r in passthrough.runs])};"
         f" enricher {_runs([r.window.rate for r in enricher.runs])};"
         f" with the session events topic {_runs([r.window.rate for r in sessions.runs])};"
-        f" batch {_runs([w.rate for w in batch.runs])}.",
+        f" batch {_runs([w.rate for w in batch.runs])};"
+        f" codec floor {_runs([w.rate for w in floor.runs])}.",
+        "x ceiling: the streaming modes' events/s against the passthrough's; batch mode's"
+        " events per CPU second against the codec floor's on the same file"
+        f" ({batch.rate_per_cpu_second:,.0f} and {floor.rate_per_cpu_second:,.0f}).",
         "CPU s / 1k events counts the process alone; with the Kafka broker and Redis on the"
         f" same machine: passthrough {passthrough.stack_cpu_per_1k:.3f},"
         f" enricher {enricher.stack_cpu_per_1k:.3f}, keeping {passthrough.cores_busy:.2f} and"
@@ -213,7 +227,9 @@ def as_json(results: Results) -> dict[str, Any]:
             "batch": {
                 **_batch_json(results.batch),
                 "ratio_to_passthrough": results.ratio(results.batch.rate),
+                "ratio_to_codec_floor": results.floor_ratio(),
             },
+            "codec_floor": _batch_json(results.floor),
         },
         "redis_memory": {
             **dataclasses.asdict(results.memory),
@@ -278,15 +294,19 @@ def _throughput(axes: Any, results: Results) -> None:
         "enricher\nexactly-once",
         "enricher +\nsession events topic",
         "batch mode\n(one core)",
+        "codec floor\n(one core)",
     ]
-    medians = [passthrough.rate, enricher.rate, sessions.rate, batch.rate]
+    floor = results.floor
+    medians = [passthrough.rate, enricher.rate, sessions.rate, batch.rate, floor.rate]
     runs = [
         [r.window.rate for r in passthrough.runs],
         [r.window.rate for r in enricher.runs],
         [r.window.rate for r in sessions.runs],
         [w.rate for w in batch.runs],
+        [w.rate for w in floor.runs],
     ]
-    bars = axes.bar(names, medians, color=["#9e9e9e", "#1f77b4", "#6baed6", "#2ca02c"])
+    colors = ["#9e9e9e", "#1f77b4", "#6baed6", "#2ca02c", "#bdbdbd"]
+    bars = axes.bar(names, medians, color=colors)
     axes.bar_label(bars, labels=[f"{m:,.0f}/s" for m in medians], padding=3)
     for position, rates in enumerate(runs):
         axes.scatter([position] * len(rates), rates, color="black", s=12, zorder=3)

@@ -219,10 +219,16 @@ class Results:
     sessions: Throughput
     """``enricher run`` with the session events topic"""
     batch: Batch
+    floor: Batch
+    """the codec floor (``python -m bench.floor``) on the same file as ``batch``"""
     memory: Memory
 
     def ratio(self, rate: float) -> float:
         return rate / self.passthrough.rate
+
+    def floor_ratio(self) -> float:
+        """Batch mode's events per CPU second against the codec floor's, both in this run."""
+        return self.batch.rate_per_cpu_second / self.floor.rate_per_cpu_second
 
     def targets(self) -> list[Target]:
         enricher, batch = self.enricher, self.batch
@@ -252,6 +258,12 @@ class Results:
                 ">= 50k events/s in batch mode on one core",
                 f"{batch.rate:,.0f} events/s ({batch.rate_per_cpu_second:,.0f} per CPU second)",
                 batch.rate >= 50_000,
+            ),
+            Target(
+                "batch mode >= 0.5x the codec floor (events per CPU second)",
+                f"{self.floor_ratio():.2f}x ({batch.rate_per_cpu_second:,.0f} vs"
+                f" {self.floor.rate_per_cpu_second:,.0f} per CPU second)",
+                self.floor_ratio() >= 0.5,
             ),
             Target(
                 "p99 latency <= 1 s at half of peak load",

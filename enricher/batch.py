@@ -11,14 +11,13 @@ dead-letter topic; it goes to ``OUTPUT.errors.jsonl`` and the run goes on.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 import fastavro
 import orjson
@@ -103,9 +102,9 @@ class Summary:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Item:
-    """One input record: decoded, or the reason it could not be, or a blank line."""
+class _Item(NamedTuple):
+    """One input record: decoded, or the reason it could not be, or a blank line. (A named
+    tuple: one is built per record.)"""
 
     position: int
     original: bytes | dict[str, Any] | None
@@ -166,33 +165,40 @@ class _Chunks:
         summary = self.summary
         states = self.store.load({item.key for item in chunk if item.key is not None})
         changed: dict[str, SessionState] = {}
+        enrich, encode, write = self.enricher.enrich, self.output.encode, self.output.write
+        reference_ms, max_ahead_ms = self.bound.reference_ms, self.bound.max_ahead_ms
+        devices = summary.devices
+        events = sessions = 0
         for item in chunk:
-            if item.blank:
-                summary.blank += 1
+            key, event = item.key, item.event
+            if key is None or event is None:
+                if item.blank:
+                    summary.blank += 1
+                else:
+                    self.error(item)
                 continue
-            if item.key is None or item.event is None:
-                self.error(item)
-                continue
+            if reference_ms > 0 and event.time_ms - reference_ms > max_ahead_ms:
+                try:
+                    check_not_ahead(event.time_ms, reference_ms, max_ahead_ms)
+                except BadInput as error:
+                    self.error(item._replace(error=error))
+                    continue
+            step, enriched = enrich(key, states.get(key), event)
             try:
-                check_not_ahead(
-                    item.event.facts.time_ms, self.bound.reference_ms, self.bound.max_ahead_ms
-                )
-            except BadInput as error:
-                self.error(dataclasses.replace(item, error=error))
-                continue
-            step, enriched = self.enricher.enrich(item.key, states.get(item.key), item.event)
-            try:
-                encoded = self.output.encode(item.key, enriched)
+                encoded = encode(key, enriched)
             except (ValueError, TypeError, OverflowError) as error:
                 # As the service does: the event is dead-lettered and leaves no state behind.
                 detail = f"{type(error).__name__}: {error}"
-                self.error(dataclasses.replace(item, error=BadInput("not_encodable", detail)))
+                self.error(item._replace(error=BadInput("not_encodable", detail)))
                 continue
-            states[item.key] = changed[item.key] = step.state
-            summary.events += 1
-            summary.sessions += step.started is not None
-            summary.devices.add(item.key)
-            self.output.write(encoded)
+            states[key] = changed[key] = step.state
+            events += 1
+            if step.started is not None:
+                sessions += 1
+            devices.add(key)
+            write(encoded)
+        summary.events += events
+        summary.sessions += sessions
         if changed:
             self.store.save(changed)
 
@@ -349,8 +355,7 @@ class _JsonLinesWriter:
         self._stream = stream
 
     def encode(self, key: str, enriched: Enriched) -> bytes:
-        fields = tracker.with_entities(enriched.event, enriched.entities)
-        return tracker.dump({"key": key, "event": fields}) + b"\n"
+        return tracker.dump({"key": key, "event": enriched.fields()}) + b"\n"
 
     def write(self, encoded: bytes) -> None:
         self._stream.write(encoded)

@@ -38,7 +38,7 @@ from enricher.errors import BadInput
 from enricher.intake import Decoded, InputMessage
 from enricher.output import Output
 from enricher.records import RecordCodec
-from enricher.session import SessionState
+from enricher.session import SessionState, StartCause
 from enricher.session_ends import BatchSessionEnds, CommittedState, PartitionBatch
 from enricher.session_events import SessionEvent
 from enricher.store import Loaded, PartitionWrite
@@ -112,6 +112,15 @@ def direct(_operation: str, call: Callable[[], T]) -> T:
 
 
 @dataclass(slots=True)
+class _Counts:
+    """What the events of a batch added up to, counted in plain integers while they go."""
+
+    produced: int = 0
+    background: int = 0
+    started: dict[StartCause, int] = field(default_factory=lambda: dict.fromkeys(StartCause, 0))
+
+
+@dataclass(slots=True)
 class Outcome:
     """What a batch produced, for the metrics once it commits."""
 
@@ -174,6 +183,8 @@ class Checkpoint:
         self.renews: dict[int, dict[str, int]] = {}
         self.decoded: list[Decoded] = []
         self.outcome = Outcome(consumed=len(messages))
+        self.device_times_ms = self.outcome.device_times_ms
+        self.kafka_times_ms = self.outcome.kafka_times_ms
         self._in_transaction = False
         self._refusals = 0
 
@@ -204,11 +215,13 @@ class Checkpoint:
 
     def _load(self) -> None:
         missing: dict[int, set[str]] = {}
+        publishes = self.ends.publishes
         for message, item in zip(self.messages, self.decoded, strict=True):
             if isinstance(item, BadInput):
                 continue
             partition, (device, event) = message.partition, item
-            self.ends.observe(partition, event.facts.time_ms, message.timestamp_ms)
+            if publishes:
+                self.ends.observe(partition, event.time_ms, message.timestamp_ms)
             starting = self.partitions[partition].starting
             if device in starting:
                 continue
@@ -232,52 +245,77 @@ class Checkpoint:
     def enrich(self) -> None:
         """Step 2: every message to the output or the dead-letter topic, in input order."""
         self._require(Status.OPEN, "enrich")
+        outcome = self.outcome
+        reasons = outcome.dead_lettered
+        counts = _Counts()
+        enrich_one = self._enrich_one
         for message, item in zip(self.messages, self.decoded, strict=True):
             try:
                 if isinstance(item, BadInput):
                     raise item
-                self._enrich_one(message, *item)
+                enrich_one(message, item[0], item[1], counts)
             except BadInput as error:
                 self._dead_letter(message, error)
-                reasons = self.outcome.dead_lettered
                 reasons[error.reason] = reasons.get(error.reason, 0) + 1
+        # Counted per batch, not per event: the loop above only adds to plain integers.
+        outcome.produced += counts.produced
+        for cause, count in counts.started.items():
+            if count:
+                outcome.sessions_started[cause.value] = (
+                    outcome.sessions_started.get(cause.value, 0) + count
+                )
+        for visibility, count in (
+            ("foreground", counts.produced - counts.background),
+            ("background", counts.background),
+        ):
+            if count:
+                by_state = outcome.events_by_state
+                by_state[visibility] = by_state.get(visibility, 0) + count
         self.status = Status.ENRICHED
 
-    def _enrich_one(self, message: InputMessage, device: str, event: TrackerEvent) -> None:
+    def _enrich_one(
+        self, message: InputMessage, device: str, event: TrackerEvent, counts: _Counts
+    ) -> None:
         """Enrich one event and produce it; raises :class:`BadInput` (the state untouched)
         when its enriched record cannot be published."""
-        batch = self.partitions[message.partition]
+        partition = message.partition
+        batch = self.partitions[partition]
         states = batch.states
         state = states[device] if device in states else batch.starting[device]
-        renews = self.renews.get(message.partition, {}).get(device, 0)
-        step, enriched = self.enricher.enrich(device, state, event, renews)
+        renews = self.renews.get(partition)
+        step, enriched = self.enricher.enrich(
+            device, state, event, renews.get(device, 0) if renews else 0
+        )
         value = self.encode(enriched)
-        size = record_size(message.key, value, message.headers)
+        key, headers = message.key, message.headers
+        size = len(key or b"") + len(value) if not headers else record_size(key, value, headers)
         if size > self.max_message_bytes:
             raise BadInput(
                 "oversize", f"the enriched record is {size} bytes > {self.max_message_bytes}"
             )
-        self.output.send(
+        self.output.produce(
             self.topics.output,
-            ProducerRecord(message.key, value, message.headers or []),
+            key,
+            value,
+            headers or [],
             message.timestamp_ms,
-            (message.partition, message.offset),
+            source=(partition, message.offset),
         )
-        states[device] = step.state
+        new_state = step.state
+        states[device] = new_state
         batch.offsets[device] = message.offset
-        session_events, reopened = self.ends.on_event(device, state, step)
-        for session_event in session_events:
-            self._publish(session_event, message.timestamp_ms)
-        outcome = self.outcome
-        outcome.sessions_reopened += reopened
-        outcome.produced += 1
+        if self.ends.publishes:
+            session_events, reopened = self.ends.on_event(device, state, step)
+            for session_event in session_events:
+                self._publish(session_event, message.timestamp_ms)
+            self.outcome.sessions_reopened += reopened
+        counts.produced += 1
         if step.started is not None:
-            cause = step.started.value
-            outcome.sessions_started[cause] = outcome.sessions_started.get(cause, 0) + 1
-        visibility = "background" if step.state.in_background else "foreground"
-        outcome.events_by_state[visibility] = outcome.events_by_state.get(visibility, 0) + 1
-        outcome.device_times_ms.append(event.facts.time_ms)
-        outcome.kafka_times_ms.append(message.timestamp_ms)
+            counts.started[step.started] += 1
+        if new_state.in_background:
+            counts.background += 1
+        self.device_times_ms.append(event.time_ms)
+        self.kafka_times_ms.append(message.timestamp_ms)
 
     def _dead_letter(self, message: InputMessage, error: BadInput) -> None:
         letter = dead_letter(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from enricher.codecs import tracker
 from enricher.codecs.tracker import TrackerEvent, merge_entities, schema_family
 from enricher.entities import (
     APPLICATION_LIFECYCLE_SCHEMA,
     CLIENT_SESSION_SCHEMA,
     SelfDescribing,
+    client_session_contexts,
     session_entities,
 )
 from enricher.errors import BadInput
@@ -37,12 +39,55 @@ class EntityOptions:
     keep_tracker_entities: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Enriched:
-    """An event and the entities the enricher attached to it."""
+    """An event, the state the rules gave its device, and which entities to attach: the
+    entities are built once, when first asked for (:attr:`entities`), and the output fields
+    (:meth:`fields`) take a shortcut for the common case. Not frozen: one is built per event,
+    and a frozen dataclass costs several times as much to build."""
 
     event: TrackerEvent
-    entities: list[SelfDescribing]
+    state: SessionState
+    options: EntityOptions
+    storage_mechanism: str
+    _entities: list[SelfDescribing] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    @property
+    def entities(self) -> list[SelfDescribing]:
+        """The entities the enricher attaches to the event, in attachment order."""
+        if self._entities is None:
+            self._entities = self._build_entities()
+        return self._entities
+
+    def _build_entities(self) -> list[SelfDescribing]:
+        options, event = self.options, self.event
+        entities = session_entities(
+            self.state,
+            storage_mechanism=self.storage_mechanism,
+            session_context=options.session_context,
+            lifecycle_context=options.lifecycle_context,
+        )
+        if options.keep_tracker_entities and event.contexts:
+            present = {schema_family(context.get("schema")) for context in event.contexts}
+            entities = [e for e in entities if schema_family(e["schema"]) not in present]
+        return entities
+
+    def fields(self, *, unicode: bool = False) -> dict[str, str]:
+        """The event's fields as published: ``tracker.with_entities(event, entities)``. An
+        event without contexts that gets the ``client_session`` entity alone (the default
+        options) gets its ``co`` from :func:`client_session_contexts`, the same JSON with the
+        session's parts formatted once per session."""
+        event, options = self.event, self.options
+        if (
+            event.contexts_field is None
+            and options.session_context
+            and not options.lifecycle_context
+        ):
+            prepared = client_session_contexts(self.state, self.storage_mechanism)
+            return tracker.with_entities(event, [], unicode=unicode, prepared=prepared)
+        return tracker.with_entities(event, self.entities, unicode=unicode)
 
     @property
     def contexts(self) -> list[SelfDescribing]:
@@ -67,11 +112,12 @@ class Enriched:
 class Enricher:
     """Applies the session rules to an event and picks the entities to attach."""
 
-    __slots__ = ("engine", "options")
+    __slots__ = ("engine", "options", "storage_mechanism")
 
     def __init__(self, engine: SessionEngine, options: EntityOptions | None = None) -> None:
         self.engine = engine
         self.options = options or EntityOptions()
+        self.storage_mechanism = engine.config.storage_mechanism
 
     def enrich(
         self,
@@ -80,14 +126,5 @@ class Enricher:
         event: TrackerEvent,
         renew_requests: int = 0,
     ) -> tuple[Step, Enriched]:
-        step = self.engine.advance(device_id, state, event.facts, renew_requests)
-        entities = session_entities(
-            step.state,
-            storage_mechanism=self.engine.config.storage_mechanism,
-            session_context=self.options.session_context,
-            lifecycle_context=self.options.lifecycle_context,
-        )
-        if self.options.keep_tracker_entities and event.contexts:
-            present = {schema_family(context.get("schema")) for context in event.contexts}
-            entities = [e for e in entities if schema_family(e["schema"]) not in present]
-        return step, Enriched(event, entities)
+        step = self.engine.advance(device_id, state, event, renew_requests)
+        return step, Enriched(event, step.state, self.options, self.storage_mechanism)

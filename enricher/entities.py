@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from enricher.session import SessionState
 
@@ -26,6 +28,9 @@ SelfDescribing = dict[str, Any]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS_PER_400_YEARS = 146_097 * 86_400_000  # the Gregorian calendar repeats every 400 years
+_EPOCH_ORDINAL = _EPOCH.toordinal()
+_MAX_FAST_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+_date_of_ordinal = date.fromordinal
 
 
 @functools.lru_cache(maxsize=65536)
@@ -33,6 +38,16 @@ def iso_millis(time_ms: int) -> str:
     """Format epoch milliseconds as JavaScript's ``toISOString()`` does, for any time (cached:
     every event of a session carries its first event's time). Years outside 0000-9999 take
     JavaScript's expanded form, a sign and six digits (``+010000-01-01T00:00:00.000Z``)."""
+    if 0 <= time_ms <= _MAX_FAST_MS:  # 1970 to 9999: the date by its ordinal, no strftime
+        days, within = divmod(time_ms, 86_400_000)
+        date = _date_of_ordinal(_EPOCH_ORDINAL + days)
+        seconds, millis = divmod(within, 1000)
+        minutes, seconds = divmod(seconds, 60)
+        hours, minutes = divmod(minutes, 60)
+        return (
+            f"{date.year:04d}-{date.month:02d}-{date.day:02d}"
+            f"T{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}Z"
+        )
     cycles, within = divmod(time_ms, _MS_PER_400_YEARS)
     moment = _EPOCH + timedelta(milliseconds=within)
     year = moment.year + 400 * cycles
@@ -81,3 +96,31 @@ def session_entities(
             {"schema": APPLICATION_LIFECYCLE_SCHEMA, "data": application_lifecycle_data(state)}
         )
     return entities
+
+
+def client_session_contexts(state: SessionState, storage_mechanism: str) -> str:
+    """The ``co`` JSON of an event with no contexts of its own and the ``client_session``
+    entity alone: exactly ``orjson.dumps`` of the contexts envelope around
+    ``session_entities(state, ...)``, built from the session's two fixed parts (ids, indexes,
+    first event; formatted once per session) around the event's index."""
+    formatted = state.formatted
+    if formatted is None or formatted[0] != storage_mechanism:
+        formatted = state.formatted = (
+            storage_mechanism,
+            *_client_session_parts(state, storage_mechanism),
+        )
+    return f"{formatted[1]}{state.event_index}{formatted[2]}"
+
+
+def _client_session_parts(state: SessionState, storage_mechanism: str) -> tuple[str, str]:
+    """The contexts JSON of :func:`client_session_contexts` before and after the event index
+    (everything in it but the index is the same for every event of a session)."""
+    data = {**client_session_data(state, storage_mechanism), "eventIndex": 0}
+    envelope = {
+        "schema": CONTEXTS_SCHEMA,
+        "data": [{"schema": CLIENT_SESSION_SCHEMA, "data": data}],
+    }
+    # Keys are written in order and quotes inside strings are escaped: the first match is the
+    # key itself.
+    head, tail = orjson.dumps(envelope).decode().split('"eventIndex":0', 1)
+    return head + '"eventIndex":', tail

@@ -6,13 +6,18 @@ Names follow Prometheus conventions: ``enricher_`` prefix, base units, ``_total`
 
 from __future__ import annotations
 
+import bisect
 import json
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, utils
+from prometheus_client.core import HistogramMetricFamily
 
 from enricher import __version__
+
+_go_float: Callable[[float], str] = utils.floatToGoString  # how prometheus_client writes "le"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 _REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
@@ -70,12 +75,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = BulkHistogram(
             "enricher_end_to_end_latency_seconds",
             "Time from an event's creation (device clock) or its Kafka timestamp to its commit",
-            ["clock"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "clock",
+            _LATENCY_BUCKETS,
+            r,
         )
         self.redis_duration = Histogram(
             "enricher_redis_duration_seconds",
@@ -137,3 +142,59 @@ class Metrics:
                     gauge.remove(str(partition))
                 except KeyError:
                     continue
+
+
+class BulkHistogram:
+    """A histogram with one label, observed a batch at a time: exactly what a
+    ``prometheus_client.Histogram`` would export after one ``observe`` per value (every
+    value counted, the same buckets, sum and count), at the cost of one sort per batch
+    instead of one call per value. For the end-to-end latencies, of which a batch has one per
+    event and one per clock."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.bounds = [float(b) for b in buckets]
+        self._lock = threading.Lock()
+        self._series: dict[str, tuple[list[int], float]] = {}
+        """label value -> (cumulative count per bound and +Inf, sum)"""
+        registry.register(self)
+
+    def observe_ages(self, value: str, now_ms: float, times_ms: list[int]) -> None:
+        """Observe ``max(0, now - time) / 1000`` seconds for every time in ``times_ms``
+        (epoch milliseconds): the age of each at ``now_ms``."""
+        if not times_ms:
+            return
+        ordered = sorted(times_ms)
+        total = len(ordered)
+        # An age is at most a bound exactly when its time is at least now minus the bound.
+        counts = [
+            total - bisect.bisect_left(ordered, now_ms - bound * 1000) for bound in self.bounds
+        ]
+        counts.append(total)
+        past = bisect.bisect_left(ordered, now_ms)  # times before now: a positive age
+        seconds = (past * now_ms - sum(ordered[:past])) / 1000
+        with self._lock:
+            before, before_sum = self._series.get(value, ([0] * len(counts), 0.0))
+            self._series[value] = (
+                [a + b for a, b in zip(before, counts, strict=True)],
+                before_sum + seconds,
+            )
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            series = dict(self._series)
+        bounds = [*(_go_float(b) for b in self.bounds), "+Inf"]
+        for value, (counts, seconds) in series.items():
+            family.add_metric([value], list(zip(bounds, counts, strict=True)), seconds)
+        yield family

@@ -121,17 +121,41 @@ class Output:
         """Produce one record; a record the producer refuses for good raises
         :class:`BadInput` (``not_producible``). With ``source`` (the input's partition and
         offset), a refusal at delivery makes :meth:`refused` name that input."""
+        self.produce(topic, record.key, record.value, record.headers, timestamp_ms, source=source)
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any,
+        timestamp_ms: int,
+        *,
+        source: tuple[int, int] | None = None,
+    ) -> None:
+        """:meth:`send` without the record around the key, value and headers (a list, or
+        None): the enriched record of every event goes this way."""
         on_delivery = None if source is None else functools.partial(self._undelivered_from, source)
         try:
-            produce_waiting(
-                self.producer,
-                topic,
-                value=record.value,
-                key=record.key,
-                headers=record.headers,
-                timestamp=timestamp_ms,
-                on_delivery=on_delivery,
-            )
+            try:
+                self.producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    timestamp=timestamp_ms,
+                    on_delivery=on_delivery,
+                )
+            except BufferError:  # the queue is full: wait for room
+                produce_waiting(
+                    self.producer,
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    timestamp=timestamp_ms,
+                    on_delivery=on_delivery,
+                )
         except KafkaException as error:
             if error.args[0].code() not in UNPRODUCIBLE:
                 raise
@@ -142,6 +166,8 @@ class Output:
         return self.unproducible.get((partition, offset))
 
     def forget(self, sources: Iterable[tuple[int, int]]) -> None:
+        if not self.unproducible:  # the usual case: nothing to forget, nothing to walk
+            return
         for source in sources:
             self.unproducible.pop(source, None)
 

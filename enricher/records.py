@@ -9,6 +9,7 @@ abort, a zombie), so the snapshot is the state to start from instead
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ _IN_BACKGROUND = 1
 _HAS_PREVIOUS = 2
 _TEXT_EVENT_ID = 4
 _ENDED = 8
+# The form str(uuid.UUID(...)) writes: lowercase, dashed.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Where the last event time sits in a record, 1-based (the sweep script reads it there).
 LAST_EVENT_AT = _HEADER.size + _STATE.size - 8 + 1
 
@@ -113,11 +116,11 @@ class RecordCodec:
             first_event_id = data[at + 1 : at + 1 + size].decode()
             at += 1 + size
         else:
-            first_event_id = str(uuid.UUID(bytes=data[at : at + 16]))
+            first_event_id = _uuid_text(data[at : at + 16])
             at += 16
         previous = None
         if flags & _HAS_PREVIOUS:
-            previous = str(uuid.UUID(bytes=data[at : at + 16]))
+            previous = _uuid_text(data[at : at + 16])
             at += 16
         state = SessionState(
             user_id=self._ids.user_id(device_id),
@@ -150,7 +153,9 @@ def _state_end(data: bytes, start: int) -> int:
 def _pack_state(state: SessionState) -> bytes:
     flags = (_IN_BACKGROUND if state.in_background else 0) | (_ENDED if state.ended else 0)
     event_id = state.first_event_id
-    canonical = str(uuid.UUID(event_id)) == event_id
+    canonical = _CANONICAL_UUID.fullmatch(event_id) is not None or (
+        str(uuid.UUID(event_id)) == event_id
+    )
     if not canonical:
         flags |= _TEXT_EVENT_ID
     if state.previous_session_id is not None:
@@ -170,10 +175,24 @@ def _pack_state(state: SessionState) -> bytes:
         )
     ]
     if canonical:
-        parts.append(uuid.UUID(event_id).bytes)
+        parts.append(_uuid_bytes(event_id))
     else:
         encoded = event_id.encode()
         parts.append(bytes([len(encoded)]) + encoded)
     if state.previous_session_id is not None:
-        parts.append(uuid.UUID(state.previous_session_id).bytes)
+        parts.append(_uuid_bytes(state.previous_session_id))
     return b"".join(parts)
+
+
+def _uuid_bytes(text: str) -> bytes:
+    """``uuid.UUID(text).bytes``, directly for the canonical form (every id the enricher
+    derives, and most event ids)."""
+    if _CANONICAL_UUID.fullmatch(text) is not None:
+        return bytes.fromhex(text.replace("-", ""))
+    return uuid.UUID(text).bytes
+
+
+def _uuid_text(data: bytes) -> str:
+    """``str(uuid.UUID(bytes=data))``, formatted directly."""
+    h = data.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -122,8 +122,10 @@ class Service:
                 messages = self.consumer.consume(
                     self.settings.batch_size, self.settings.batch_timeout_ms / 1000
                 )
-                batch = [InputMessage.of(m) for m in messages if self._usable(m)]
+                of = InputMessage.of
+                batch = [of(m) for m in messages if m.error() is None or self._usable(m)]
                 if batch:
+                    self._set_health("kafka", True)
                     self.process(batch)
                 self._sweep()
         finally:
@@ -255,13 +257,10 @@ class Service:
         m.sessions_reopened.inc(outcome.sessions_reopened)
         for partition, watermark_ms in outcome.watermarks_ms.items():
             m.watermark.labels(partition=str(partition)).set(watermark_ms / 1000)
+        # Every event's latencies, observed a batch at a time.
         now_ms = time.time() * 1000
-        device_latency = m.latency.labels(clock="device")
-        kafka_latency = m.latency.labels(clock="kafka")
-        for time_ms in outcome.device_times_ms:
-            device_latency.observe(max(0.0, (now_ms - time_ms) / 1000))
-        for time_ms in outcome.kafka_times_ms:
-            kafka_latency.observe(max(0.0, (now_ms - time_ms) / 1000))
+        m.latency.observe_ages("device", now_ms, outcome.device_times_ms)
+        m.latency.observe_ages("kafka", now_ms, outcome.kafka_times_ms)
 
     # -- Redis and Kafka plumbing ----------------------------------------------------------
 

@@ -24,6 +24,7 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 from enricher.ids import IdDeriver
 
@@ -94,7 +95,8 @@ class SessionConfig:
 
 @dataclass(frozen=True, slots=True)
 class EventFacts:
-    """The parts of an event the rules look at."""
+    """The parts of an event the rules look at (a decoded event carries them itself, so none
+    is built per event: see :class:`Facts`)."""
 
     event_id: str
     time_ms: int
@@ -102,9 +104,31 @@ class EventFacts:
     app_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+class Facts(Protocol):
+    """What the rules read of an event: :class:`EventFacts`, or a decoded event that carries
+    the same attributes (:class:`~enricher.codecs.tracker.TrackerEvent`)."""
+
+    @property
+    def event_id(self) -> str: ...
+
+    @property
+    def time_ms(self) -> int: ...
+
+    @property
+    def lifecycle(self) -> Lifecycle | None: ...
+
+    @property
+    def app_id(self) -> str | None: ...
+
+
+@dataclass(slots=True)
 class SessionState:
-    """Everything known about one device's current session."""
+    """Everything known about one device's current session.
+
+    Treated as immutable: the engine builds a new state for every event (positionally, the
+    cheapest way to build one), so a state read from a cache or kept as a snapshot is never
+    changed under its holder. It is not frozen only because a frozen dataclass sets each of
+    its fields through ``object.__setattr__``, several times the cost."""
 
     user_id: str
     session_id: str
@@ -129,10 +153,16 @@ class SessionState:
     ends_declared: int = 0
     """How many times this session has been declared ended (more than once only when late
     events joined it after an end)."""
+    formatted: tuple[str, str, str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    """A cache, not part of the state: the session's ``client_session`` JSON around its
+    event index, and the storage mechanism it was made for
+    (:func:`enricher.entities.client_session_contexts`). Made once per session: the engine
+    hands it on to each next state of the same session."""
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):
     """The outcome of one event: the device's new state and, if one began, why."""
 
     state: SessionState
@@ -152,7 +182,7 @@ class SessionEngine:
         self,
         device_id: str,
         state: SessionState | None,
-        event: EventFacts,
+        event: Facts,
         renew_requests: int = 0,
     ) -> Step:
         """Apply one event to a device's state (``None`` for an unknown device).
@@ -160,82 +190,97 @@ class SessionEngine:
         ``renew_requests`` is the device's count of renew requests (``startNewSession()``):
         one the state has not honoured yet starts a new session at this event, whatever the
         gap. A request before a device's first event is honoured by session 1.
-        """
-        timeouts = self.config.timeouts_for(event.app_id)
-        if state is None:
-            fresh = SessionState(
-                user_id=self._ids.user_id(device_id),
-                session_id=self._ids.session_id(device_id, 1, event.event_id),
-                session_index=1,
-                previous_session_id=None,
-                event_index=0,
-                first_event_id=event.event_id,
-                first_event_ms=event.time_ms,
-                last_event_ms=event.time_ms,
-                in_background=False,
-                background_index=0,
-                foreground_index=0,
-                renews_applied=renew_requests,
-            )
-            return Step(_apply_event(fresh, event, timeouts), StartCause.NEW_DEVICE)
 
-        timeout = timeouts.background_ms if state.in_background else timeouts.foreground_ms
-        timed_out = event.time_ms - state.last_event_ms > timeout
+        Builds exactly one new state (positionally: this runs once per event)."""
+        event_id, time_ms, lifecycle = event.event_id, event.time_ms, event.lifecycle
+        app_id = event.app_id
+        config = self.config
+        timeouts = (
+            config.app_timeouts.get(app_id, config.timeouts)
+            if app_id is not None
+            else config.timeouts
+        )
+        if state is None:
+            # Rules 3 and 4 on a fresh session 1 (not in the background, no transitions).
+            background = lifecycle is Lifecycle.BACKGROUND
+            return Step(
+                SessionState(
+                    self._ids.user_id(device_id),
+                    self._ids.session_id(device_id, 1, event_id),
+                    1,
+                    None,
+                    1,
+                    event_id,
+                    time_ms,
+                    time_ms,
+                    background,
+                    1 if background else 0,
+                    0,
+                    renew_requests,
+                    time_ms + (timeouts.background_ms if background else timeouts.foreground_ms),
+                    False,
+                    0,
+                ),
+                StartCause.NEW_DEVICE,
+            )
+
+        in_background = state.in_background
+        timed_out = time_ms - state.last_event_ms > (
+            timeouts.background_ms if in_background else timeouts.foreground_ms
+        )
         renew = renew_requests > state.renews_applied
         if renew or timed_out:
             index = state.session_index + 1
-            renewed = SessionState(
-                user_id=state.user_id,
-                session_id=self._ids.session_id(device_id, index, event.event_id),
-                session_index=index,
-                previous_session_id=state.session_id,
-                event_index=0,
-                first_event_id=event.event_id,
-                first_event_ms=event.time_ms,
-                last_event_ms=state.last_event_ms,
-                in_background=state.in_background,
-                background_index=0,
-                foreground_index=0,
-                renews_applied=max(renew_requests, state.renews_applied),
-            )
+            session_id = self._ids.session_id(device_id, index, event_id)
+            previous: str | None = state.session_id
+            event_index = 0
+            first_event_id, first_event_ms = event_id, time_ms
+            background_index = foreground_index = 0
+            renews_applied = max(renew_requests, state.renews_applied)
+            ends_declared = 0
             # A pending renew is honoured either way; the cause is the timeout if the session
             # had timed out already.
             if not timed_out:
-                cause = StartCause.RENEW
-            elif state.in_background:
-                cause = StartCause.BACKGROUND_TIMEOUT
+                started: StartCause | None = StartCause.RENEW
+            elif in_background:
+                started = StartCause.BACKGROUND_TIMEOUT
             else:
-                cause = StartCause.FOREGROUND_TIMEOUT
-            return Step(_apply_event(renewed, event, timeouts), cause)
-        return Step(_apply_event(state, event, timeouts), None)
-
-
-def _apply_event(state: SessionState, event: EventFacts, timeouts: Timeouts) -> SessionState:
-    """Rules 3 and 4: flip the lifecycle state, count the event, move the clock forward."""
-    in_background = state.in_background
-    background_index = state.background_index
-    foreground_index = state.foreground_index
-    if event.lifecycle is Lifecycle.BACKGROUND and not in_background:
-        in_background = True
-        background_index += 1
-    elif event.lifecycle is Lifecycle.FOREGROUND and in_background:
-        in_background = False
-        foreground_index += 1
-    last_event_ms = max(state.last_event_ms, event.time_ms)
-    timeout = timeouts.background_ms if in_background else timeouts.foreground_ms
-    return SessionState(
-        user_id=state.user_id,
-        session_id=state.session_id,
-        session_index=state.session_index,
-        previous_session_id=state.previous_session_id,
-        event_index=state.event_index + 1,
-        first_event_id=state.first_event_id,
-        first_event_ms=state.first_event_ms,
-        last_event_ms=last_event_ms,
-        in_background=in_background,
-        background_index=background_index,
-        foreground_index=foreground_index,
-        renews_applied=state.renews_applied,
-        expires_ms=last_event_ms + timeout,
-        ends_declared=state.ends_declared,
-    )
+                started = StartCause.FOREGROUND_TIMEOUT
+        else:
+            index, session_id = state.session_index, state.session_id
+            previous = state.previous_session_id
+            event_index = state.event_index
+            first_event_id, first_event_ms = state.first_event_id, state.first_event_ms
+            background_index, foreground_index = state.background_index, state.foreground_index
+            renews_applied = state.renews_applied
+            ends_declared = state.ends_declared
+            started = None
+        # Rules 3 and 4: flip the lifecycle state, count the event, move the clock forward.
+        if lifecycle is not None:
+            if lifecycle is Lifecycle.BACKGROUND and not in_background:
+                in_background = True
+                background_index += 1
+            elif lifecycle is Lifecycle.FOREGROUND and in_background:
+                in_background = False
+                foreground_index += 1
+        last_event_ms = max(state.last_event_ms, time_ms)
+        new = SessionState(
+            state.user_id,
+            session_id,
+            index,
+            previous,
+            event_index + 1,
+            first_event_id,
+            first_event_ms,
+            last_event_ms,
+            in_background,
+            background_index,
+            foreground_index,
+            renews_applied,
+            last_event_ms + (timeouts.background_ms if in_background else timeouts.foreground_ms),
+            False,
+            ends_declared,
+        )
+        if started is None:
+            new.formatted = state.formatted
+        return Step(new, started)

@@ -57,6 +57,9 @@ class BatchSessionEnds(Protocol):
     """A batch's part in publishing session events (see the module's docstring)."""
 
     watermarks_ms: dict[int, int]
+    publishes: bool
+    """whether :meth:`observe` and :meth:`on_event` can do anything: when not, the batch
+    need not call them for every event"""
 
     def observe(self, partition: int, event_ms: int, kafka_ms: int) -> None: ...
 
@@ -79,6 +82,8 @@ class BatchSessionEnds(Protocol):
 
 class NoSessionEnds:
     """The session events topic is off: nothing to observe, publish or write."""
+
+    publishes = False
 
     def __init__(self) -> None:
         self.watermarks_ms: dict[int, int] = {}
@@ -108,6 +113,8 @@ class NoSessionEnds:
 
 class SessionEnds:
     """The session events topic is on: a batch's clocks, watermarks and expiries."""
+
+    publishes = True
 
     def __init__(self, lateness_ms: int, limit: int = EXPIRING_PER_BATCH) -> None:
         self.lateness_ms = lateness_ms

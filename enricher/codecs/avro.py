@@ -17,6 +17,7 @@ from fastavro.read import SchemaResolutionError
 
 from enricher.codecs import tracker
 from enricher.enrich import Enriched
+from enricher.entities import APPLICATION_LIFECYCLE_SCHEMA, CLIENT_SESSION_SCHEMA
 from enricher.errors import BadInput
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -80,12 +81,11 @@ def enriched_record(enriched: Enriched) -> dict[str, Any]:
     """The enriched event as a record of ``enriched_event.avsc``: the payload as the JSON
     codec writes it (an Avro string is Unicode text: a lone surrogate the contexts hold is
     written as its JSON escape)."""
-    session = enriched.client_session
-    lifecycle = enriched.application_lifecycle
+    entities = {entity["schema"]: entity["data"] for entity in enriched.entities}
     return {
-        "payload": tracker.with_entities(enriched.event, enriched.entities, unicode=True),
-        "client_session": session["data"] if session else None,
-        "application_lifecycle": lifecycle["data"] if lifecycle else None,
+        "payload": enriched.fields(unicode=True),
+        "client_session": entities.get(CLIENT_SESSION_SCHEMA),
+        "application_lifecycle": entities.get(APPLICATION_LIFECYCLE_SCHEMA),
     }
 
 

@@ -25,7 +25,7 @@ class Codecs(NamedTuple):
 
 
 def _encode_json(enriched: Enriched) -> bytes:
-    return tracker.encode(enriched.event, enriched.entities)
+    return tracker.dump(enriched.fields())
 
 
 def codecs(settings: Settings) -> Codecs:

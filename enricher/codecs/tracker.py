@@ -26,8 +26,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -59,23 +58,32 @@ enrich fine. The parsers alone would read up to about 1000 levels (orjson 1024, 
 library its recursion limit, which depends on the call stack), so without a limit of its own
 the codec accepted contexts it could not write, and its answer on a deep one depended on
 the stack it ran on. No tracker sends more than a dozen levels."""
+_UNREAD = object()
 _LIFECYCLE_SCHEMAS = {
     BACKGROUND_EVENT_SCHEMA: Lifecycle.BACKGROUND,
     FOREGROUND_EVENT_SCHEMA: Lifecycle.FOREGROUND,
 }
 
 
-@dataclass(frozen=True, slots=True)
-class TrackerEvent:
-    """A validated tracker-protocol event."""
+class TrackerEvent(NamedTuple):
+    """A validated tracker-protocol event: its fields as they arrived, what the rules read of
+    it (the attributes of :class:`~enricher.session.EventFacts`, so the engine takes the event
+    itself), and its contexts. A named tuple: one is built per event."""
 
     fields: dict[str, str]
-    facts: EventFacts
+    event_id: str
+    time_ms: int
+    lifecycle: Lifecycle | None
+    app_id: str | None
     contexts: list[SelfDescribing]
     contexts_field: ContextsField | None
     exact_contexts: bool = True
     """the contexts hold no float and no integer beyond 64 bits: orjson writes them as the
     standard library does"""
+
+    @property
+    def facts(self) -> EventFacts:
+        return EventFacts(self.event_id, self.time_ms, self.lifecycle, self.app_id)
 
 
 def decode(data: bytes) -> TrackerEvent:
@@ -120,12 +128,17 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
                 )
     if not isinstance(value, dict):
         raise BadInput("not_an_object", f"expected a JSON object, got {type(value).__name__}")
-    for name, field_value in value.items():
-        if not isinstance(field_value, str):
-            raise BadInput(
-                "non_string_field",
-                f"field {name[:64]!r} is {type(field_value).__name__}, not a string",
-            )
+    # One pass in C (joining accepts only strings); the loop that names the culprit only if
+    # that fails.
+    try:
+        "".join(value.values())
+    except TypeError:
+        for name, field_value in value.items():
+            if not isinstance(field_value, str):
+                raise BadInput(
+                    "non_string_field",
+                    f"field {name[:64]!r} is {type(field_value).__name__}, not a string",
+                ) from None
     fields: dict[str, str] = value
 
     event_id = fields.get("eid")
@@ -138,31 +151,53 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
     contexts_field: ContextsField | None = None
     contexts: list[SelfDescribing] = []
     exact = True
-    for field in _CONTEXTS_FIELDS:
-        if field in fields:
-            value, exact_here = _json_field(fields, field, "invalid_contexts")
-            contexts = contexts + _contexts(value) if contexts else _contexts(value)
-            exact = exact and exact_here
-            contexts_field = contexts_field or field
+    if "co" in fields or "cx" in fields:
+        for field in _CONTEXTS_FIELDS:
+            if field in fields:
+                value, exact_here = _json_field(fields, field, "invalid_contexts")
+                contexts = contexts + _contexts(value) if contexts else _contexts(value)
+                exact = exact and exact_here
+                contexts_field = contexts_field or field
 
     lifecycle: Lifecycle | None = None
     if "ue_pr" in fields or "ue_px" in fields:
-        unstruct, _ = _json_field(
-            fields, "ue_pr" if "ue_pr" in fields else "ue_px", "invalid_ue", exact=False
-        )
+        raw = fields.get("ue_pr")
+        # What _json_field does, without its calls, for the usual ue_pr: read by orjson, and
+        # with too few brackets to be too deep. Every other case through _json_field.
+        unstruct: Any = _UNREAD
+        if raw is not None and raw.count("[") + raw.count("{") <= MAX_DEPTH:
+            try:
+                unstruct = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                unstruct = _UNREAD
+        if unstruct is _UNREAD:
+            name = "ue_pr" if raw is not None else "ue_px"
+            unstruct, _ = _json_field(fields, name, "invalid_ue", exact=False)
         inner = unstruct.get("data") if isinstance(unstruct, dict) else None
         if not isinstance(inner, dict) or not isinstance(inner.get("schema"), str):
             raise BadInput("invalid_ue", "self-describing event has no data.schema")
         if fields.get("e") == "ue":
             lifecycle = _LIFECYCLE_SCHEMAS.get(inner["schema"])
 
-    facts = EventFacts(
-        event_id=event_id,
-        time_ms=_event_time(fields),
-        lifecycle=lifecycle,
-        app_id=fields.get("aid"),
+    # Rule 6's usual case inline: a valid device-created time.
+    text = fields.get("dtm")
+    if text and text.isascii() and text.isdigit() and len(text) <= 15:
+        time_ms = int(text)
+        if time_ms > _MAX_TIME_MS:
+            time_ms = _event_time(fields)
+    else:
+        time_ms = _event_time(fields)
+
+    return TrackerEvent(
+        fields,
+        event_id,
+        time_ms,
+        lifecycle,
+        fields.get("aid"),
+        contexts,
+        contexts_field,
+        exact,
     )
-    return TrackerEvent(fields, facts, contexts, contexts_field, exact)
 
 
 def encode(event: TrackerEvent, entities: list[SelfDescribing]) -> bytes:
@@ -171,7 +206,11 @@ def encode(event: TrackerEvent, entities: list[SelfDescribing]) -> bytes:
 
 
 def with_entities(
-    event: TrackerEvent, entities: list[SelfDescribing], *, unicode: bool = False
+    event: TrackerEvent,
+    entities: list[SelfDescribing],
+    *,
+    unicode: bool = False,
+    prepared: str | None = None,
 ) -> dict[str, str]:
     """The event's fields with ``entities`` added to its contexts, in the input's encoding
     (an event with both ``co`` and ``cx`` gets them merged into ``co``, and no ``cx``).
@@ -179,7 +218,15 @@ def with_entities(
     The contexts may hold lone surrogates (JSON escapes can write them): in ``co`` they stay
     characters, which :func:`dump` writes back as the same escapes, unless ``unicode`` asks
     for Unicode text (an Avro string must be), where they are written as JSON escapes
-    inside ``co``: the same JSON value."""
+    inside ``co``: the same JSON value.
+
+    ``prepared``, for an event without contexts, is the ``co`` JSON of ``entities`` made
+    already (:func:`enricher.entities.client_session_contexts`); ``entities`` is then not
+    read."""
+    if prepared is not None and event.contexts_field is None:
+        out = dict(event.fields)
+        out["co"] = prepared
+        return out
     if not entities:
         return event.fields
     envelope = {"schema": CONTEXTS_SCHEMA, "data": merge_entities(event.contexts, entities)}
@@ -323,11 +370,11 @@ def _event_time(fields: dict[str, str]) -> int:
     """Rule 6: the device-created time, else the true time, else the device-sent time."""
     for name in _TIMESTAMP_FIELDS:
         text = fields.get(name)
-        if text is None or text == "":
+        if not text:
             continue
-        if not (text.isascii() and text.isdigit() and len(text) <= 15) or int(text) > _MAX_TIME_MS:
-            raise BadInput(
-                "invalid_timestamp", f"'{name}' is not epoch milliseconds: {text[:32]!r}"
-            )
-        return int(text)
+        if text.isascii() and text.isdigit() and len(text) <= 15:
+            time_ms = int(text)
+            if time_ms <= _MAX_TIME_MS:
+                return time_ms
+        raise BadInput("invalid_timestamp", f"'{name}' is not epoch milliseconds: {text[:32]!r}")
     raise BadInput("missing_timestamp", "none of 'dtm', 'ttm', 'stm' is present")
