@@ -153,9 +153,11 @@ def fenced_partitions(instance: Instance) -> list[int]:
 
 
 def test_paused_zombie_cannot_corrupt_state(stack: Stack, fleet: Fleet, tmp_path: Path) -> None:
-    items = traffic(60_000, 6_000, seed=61)
-    warm, backlog, more = items[:10_000], items[10_000:40_000], items[40_000:50_000]
-    shared, alone = items[50_000:55_000], items[55_000:]
+    # The backlog must outlast the attempts to pause the zombie inside a batch (up to about
+    # 2 s of them, more on a loaded machine), however fast the service works through it.
+    items = traffic(140_000, 6_000, seed=61)
+    warm, backlog, more = items[:10_000], items[10_000:120_000], items[120_000:130_000]
+    shared, alone = items[130_000:135_000], items[135_000:]
     reference = BatchReference(items, tmp_path)
     topics = stack.new_topics("zombie", partitions=PARTITIONS)
     # A long transaction timeout: the zombie's open transaction must be stopped by fencing,
