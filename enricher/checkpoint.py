@@ -27,21 +27,29 @@ import enum
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from confluent_kafka import KafkaException, TopicPartition
 
 from enricher.codecs.tracker import TrackerEvent
+from enricher.collaborators import (
+    Consumer,
+    Outcome,
+    OwnedPartition,
+    RedisCall,
+    Store,
+    Topics,
+    direct,
+)
 from enricher.deadletter import ProducerRecord, dead_letter, record_size
 from enricher.enrich import Enriched, Enricher
 from enricher.errors import BadInput
 from enricher.intake import Decoded, InputMessage
 from enricher.output import Output
-from enricher.records import RecordCodec
 from enricher.session import SessionState, StartCause
 from enricher.session_ends import BatchSessionEnds, CommittedState, PartitionBatch
 from enricher.session_events import SessionEvent
-from enricher.store import Loaded, PartitionWrite
+from enricher.store import PartitionWrite
 
 T = TypeVar("T")
 log = logging.getLogger("enricher.checkpoint")
@@ -62,81 +70,12 @@ class IllegalTransition(RuntimeError):
 
 
 @dataclass(slots=True)
-class OwnedPartition:
-    """A partition this instance owns: its fencing epoch, the offset committed last, its warm
-    state cache, its state-TTL sweep cursor."""
-
-    epoch: int
-    committed: int = -1
-    cache: dict[str, SessionState] = field(default_factory=dict)
-    sweep_cursor: int | None = None
-
-
-class Topics(NamedTuple):
-    input: str
-    output: str
-    dead_letters: str
-    session_events: str
-
-
-class Store(Protocol):
-    """What a checkpoint uses of :class:`~enricher.store.PartitionStore`."""
-
-    codec: RecordCodec
-
-    def load(
-        self,
-        wanted: Mapping[int, tuple[int, Any]],
-        renews_of: Mapping[int, Any] | None = None,
-        clocks: Mapping[int, Any] | None = None,
-    ) -> Loaded: ...
-
-    def save(self, writes: Mapping[int, PartitionWrite]) -> None: ...
-
-
-class Consumer(Protocol):
-    """What a checkpoint uses of ``confluent_kafka.Consumer``."""
-
-    def consumer_group_metadata(self) -> object: ...
-
-    def seek(self, partition: TopicPartition) -> None: ...
-
-
-RedisCall = Callable[[str, Callable[[], T]], T]
-"""Runs one Redis operation by name (the service counts and times it, and raises
-:class:`~enricher.errors.Unavailable` when Redis fails)"""
-
-
-def direct(_operation: str, call: Callable[[], T]) -> T:
-    return call()
-
-
-@dataclass(slots=True)
 class _Counts:
     """What the events of a batch added up to, counted in plain integers while they go."""
 
     produced: int = 0
     background: int = 0
     started: dict[StartCause, int] = field(default_factory=lambda: dict.fromkeys(StartCause, 0))
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What a batch produced, for the metrics once it commits."""
-
-    consumed: int = 0
-    produced: int = 0
-    dead_lettered: dict[str, int] = field(default_factory=dict)
-    sessions_started: dict[str, int] = field(default_factory=dict)
-    events_by_state: dict[str, int] = field(default_factory=dict)
-    device_times_ms: list[int] = field(default_factory=list)
-    kafka_times_ms: list[int] = field(default_factory=list)
-    sessions_ended: dict[tuple[str, str], int] = field(default_factory=dict)
-    """by (cause, detected by)"""
-    sessions_reopened: int = 0
-    watermarks_ms: dict[int, int] = field(default_factory=dict)
-    cache_hits: int = 0
-    cache_misses: int = 0
 
 
 class Checkpoint:

@@ -19,8 +19,9 @@ import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from enricher import session_ends
-from enricher.checkpoint import Checkpoint, Outcome, OwnedPartition, Topics
+from enricher.checkpoint import Checkpoint
 from enricher.codecs.factory import Codecs
+from enricher.collaborators import Outcome, OwnedPartition, Topics
 from enricher.config import Settings
 from enricher.deadletter import HEADER_PREFIX
 from enricher.enrich import Enricher

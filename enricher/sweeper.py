@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from enricher.checkpoint import OwnedPartition, RedisCall
+from enricher.collaborators import OwnedPartition, RedisCall
 
 
 class SweptStore(Protocol):

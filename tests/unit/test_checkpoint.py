@@ -32,17 +32,10 @@ from support import (
 )
 
 from enricher import batch, config
-from enricher.checkpoint import (
-    Checkpoint,
-    IllegalTransition,
-    OwnedPartition,
-    RedisCall,
-    Status,
-    Topics,
-    direct,
-)
+from enricher.checkpoint import Checkpoint, IllegalTransition, Status
 from enricher.codecs import session_events, tracker
 from enricher.codecs.factory import codecs
+from enricher.collaborators import OwnedPartition, RedisCall, Topics, direct
 from enricher.deadletter import HEADER_PREFIX, record_size
 from enricher.enrich import Enricher
 from enricher.errors import Unavailable
