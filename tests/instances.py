@@ -141,6 +141,7 @@ class Instance:
         for _ in range(attempts):
             self.pause()
             try:
+                self._wait_stopped()
                 state = Path(f"/proc/{self.pid}/syscall").read_text().split()
             except OSError:
                 return False
@@ -150,6 +151,16 @@ class Instance:
             time.sleep(0.013)  # a different moment of the batch cycle, not synchronisation
         self.pause()
         return False
+
+    def _wait_stopped(self, timeout: float = 5.0) -> None:
+        """Until the main thread has taken the SIGSTOP (its state reads ``T``): a signal is
+        delivered asynchronously, and before that /proc shows the thread running."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            if stat[stat.rindex(")") + 2] in "Tt":
+                return
+            time.sleep(0.001)  # polling the kernel's view of the process, not synchronisation
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
