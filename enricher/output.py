@@ -137,25 +137,15 @@ class Output:
         None): the enriched record of every event goes this way."""
         on_delivery = None if source is None else functools.partial(self._undelivered_from, source)
         try:
-            try:
-                self.producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=headers,
-                    timestamp=timestamp_ms,
-                    on_delivery=on_delivery,
-                )
-            except BufferError:  # the queue is full: wait for room
-                produce_waiting(
-                    self.producer,
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=headers,
-                    timestamp=timestamp_ms,
-                    on_delivery=on_delivery,
-                )
+            produce_waiting(
+                self.producer,
+                topic,
+                value=value,
+                key=key,
+                headers=headers,
+                timestamp=timestamp_ms,
+                on_delivery=on_delivery,
+            )
         except KafkaException as error:
             if error.args[0].code() not in UNPRODUCIBLE:
                 raise
