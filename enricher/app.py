@@ -79,7 +79,7 @@ def run_service(settings: Settings) -> int:
     from enricher.http import HttpServer
     from enricher.lookup import SessionLookup
     from enricher.metrics import Metrics
-    from enricher.service import Service
+    from enricher.service import LayoutChanged, Service
 
     # SIGTERM and SIGINT are taken by a thread of their own (below), so that the shutdown
     # deadline is armed even while the main thread is blocked inside librdkafka. Block them
@@ -95,10 +95,14 @@ def run_service(settings: Settings) -> int:
         return 2
     http = HttpServer(metrics, service.ready, service.live)
     try:
-        lookup = SessionLookup(store, service.input_partitions(), settings.session_config())
+        service.check_layout()
+        lookup = SessionLookup(store, service.partition_count, settings.session_config())
     except KafkaException as error:
         log.error("cannot read the input topic's metadata: %s", error)
         return 1
+    except LayoutChanged as error:
+        log.error("refusing to start: %s", error)
+        return 2
     api = SessionApi(
         lookup,
         token=settings.session_api_token or None,
@@ -130,9 +134,40 @@ def run_service(settings: Settings) -> int:
     except KafkaException as error:
         log.error("stopping on a fatal Kafka error: %s", error)
         return 1
+    except LayoutChanged as error:
+        log.error("stopping: %s", error)
+        return 2
     finally:
         http.stop()
     log.info("stopped")
+    return 0
+
+
+def migrate_state(settings: Settings, partitions: int) -> int:
+    """``enricher state migrate``: move the device state to a new input partition count."""
+    import time
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    from enricher.migrate import MigrationError, migrate
+    from enricher.output import consumer_config
+
+    consumer = Consumer(consumer_config(settings))
+    try:
+        wanted = [TopicPartition(settings.input_topic, p) for p in range(partitions)]
+        found = consumer.committed(wanted, timeout=30)
+    finally:
+        consumer.close()
+    committed = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+    try:
+        done = migrate(partition_store(settings), committed, partitions, int(time.time() * 1000))
+    except MigrationError as error:
+        print(f"enricher: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"state migrated from {done.partitions_before} to {done.partitions_after} partitions:"
+        f" {done.moved} devices moved, {done.dropped} uncommitted records dropped"
+    )
     return 0
 
 

@@ -11,9 +11,9 @@ enricher and encoders, the owned partitions and the batch's session ends. It hol
 2. ``enrich``: in input order, enrich each event and produce the enriched and dead-letter
    records, and the session events each event causes, inside the transaction;
 3. ``commit``: declare ended the sessions the partitions' watermarks have passed; write the new
-   state to Redis, fenced by each partition's epoch, each record carrying the state it started
-   from; wait for the deliveries; add the input offsets to the transaction and commit it; warm
-   the caches.
+   state to Redis, fenced by each partition's epoch and checked to be complete up to the
+   partition's committed offset, each record carrying the state it started from; wait for
+   the deliveries; add the input offsets to the transaction and commit it; warm the caches.
 
 ``abort`` from any step before the commit completes aborts the transaction and rewinds the
 consumer to the batch's first offsets: the replay reads the same snapshots and, with derived
@@ -36,6 +36,7 @@ from enricher.collaborators import (
     Consumer,
     Outcome,
     OwnedPartition,
+    Publisher,
     RedisCall,
     Store,
     Topics,
@@ -45,7 +46,6 @@ from enricher.deadletter import ProducerRecord, dead_letter, record_size
 from enricher.enrich import Enriched, Enricher
 from enricher.errors import BadInput
 from enricher.intake import Decoded, InputMessage
-from enricher.output import Output
 from enricher.session import SessionState, StartCause
 from enricher.session_ends import BatchSessionEnds, CommittedState, PartitionBatch
 from enricher.session_events import SessionEvent
@@ -85,7 +85,7 @@ class Checkpoint:
         self,
         messages: Sequence[InputMessage],
         *,
-        output: Output,
+        output: Publisher,
         consumer: Consumer,
         store: Store,
         decode: Callable[[InputMessage], Decoded],
@@ -319,7 +319,8 @@ class Checkpoint:
                 device: codec.pack(state, batch.offsets[device], batch.starting[device])
                 for device, state in batch.states.items()
             }
-            write = PartitionWrite(self.owned[partition].epoch, records)
+            owned = self.owned[partition]
+            write = PartitionWrite(owned.epoch, records, (owned.committed, batch.end + 1))
             writes[partition] = self.ends.write(partition, batch, write)
         self.redis("save", lambda: self.store.save(writes))
 

@@ -170,6 +170,13 @@ def _session(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state(args: argparse.Namespace) -> int:
+    settings = config.load(
+        config_file=args.config, require=("bootstrap_servers", "input_topic", "redis_url")
+    )
+    return app.migrate_state(settings, args.partitions)
+
+
 def _reference_time(text: str) -> int:
     """``--reference-time``: epoch milliseconds, or an ISO 8601 time with its offset."""
     if text.isascii() and text.isdigit():
@@ -268,6 +275,23 @@ def parser() -> argparse.ArgumentParser:
     )
     session.add_argument("--config", type=Path, help="TOML settings file")
     session.set_defaults(handler=_session)
+
+    state = commands.add_parser(
+        "state",
+        help="maintain the service's state in Redis",
+        description="Acts on the streaming service's state (ENRICHER_REDIS_URL,"
+        " ENRICHER_REDIS_KEY_PREFIX, ENRICHER_INPUT_TOPIC, ENRICHER_GROUP_ID,"
+        " ENRICHER_BOOTSTRAP_SERVERS). Stop every instance first.",
+    )
+    state.add_argument("action", choices=("migrate",))
+    state.add_argument(
+        "--partitions",
+        type=_partition_count,
+        required=True,
+        help="migrate: the input topic's new partition count",
+    )
+    state.add_argument("--config", type=Path, help="TOML settings file")
+    state.set_defaults(handler=_state)
     return root
 
 

@@ -1,16 +1,17 @@
 """What a :class:`~enricher.checkpoint.Checkpoint` is handed besides the batch, and what it
-hands back: the owned partitions, the topics, the store and consumer it may use (as
-protocols, so that tests hand it fakes), the call that runs a Redis operation, and the
-outcome of a committed batch."""
+hands back: the owned partitions, the topics, the output, store and consumer it may use (as
+protocols, so that tests and the state repair hand it others), the call that runs a Redis
+operation, and the outcome of a committed batch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from confluent_kafka import TopicPartition
 
+from enricher.deadletter import ProducerRecord
 from enricher.records import RecordCodec
 from enricher.session import SessionState
 from enricher.store import Loaded, PartitionWrite
@@ -20,8 +21,9 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class OwnedPartition:
-    """A partition this instance owns: its fencing epoch, the offset committed last, its warm
-    state cache, its state-TTL sweep cursor."""
+    """A partition this instance owns: its fencing epoch, the offset committed last (-1: none;
+    the state in Redis must be complete up to it), its warm state cache, its state-TTL sweep
+    cursor."""
 
     epoch: int
     committed: int = -1
@@ -34,6 +36,40 @@ class Topics(NamedTuple):
     output: str
     dead_letters: str
     session_events: str
+
+
+class Publisher(Protocol):
+    """What a checkpoint uses of :class:`~enricher.output.Output`: a transaction's records
+    and its commit."""
+
+    def begin(self) -> int: ...
+
+    def send(
+        self,
+        topic: str,
+        record: ProducerRecord,
+        timestamp_ms: int,
+        source: tuple[int, int] | None = None,
+    ) -> None: ...
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any,
+        timestamp_ms: int,
+        *,
+        source: tuple[int, int] | None = None,
+    ) -> None: ...
+
+    def await_deliveries(self, refusals: int) -> None: ...
+
+    def commit(self, topic: str, ends: Mapping[int, int], group_metadata: object) -> None: ...
+
+    def forget(self, sources: Iterable[tuple[int, int]]) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class Store(Protocol):

@@ -113,6 +113,27 @@ class Metrics:
         self.expired = Counter(
             "enricher_devices_expired", "Device states deleted after the state TTL", registry=r
         )
+        self.state_repairs = Counter(
+            "enricher_state_repairs",
+            "Partitions found with less state in Redis than was committed, by what was found",
+            ["found"],
+            registry=r,
+        )
+        self.state_repair_events = Counter(
+            "enricher_state_repair_events",
+            "Input records replayed to rebuild lost state",
+            registry=r,
+        )
+        self.state_repair_unreplayable = Counter(
+            "enricher_state_repair_unreplayable_offsets",
+            "Input offsets whose state was lost and that the input topic no longer retains",
+            registry=r,
+        )
+        self.state_repairing = Gauge(
+            "enricher_state_repairing_partitions",
+            "Partitions whose state is being rebuilt from the input topic",
+            registry=r,
+        )
         self.build = Gauge("enricher_build_info", "Build information", ["version"], registry=r)
         self.build.labels(version=__version__).set(1)
         self.consumer_info = Gauge(

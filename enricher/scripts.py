@@ -1,32 +1,54 @@
 """The Lua scripts the store runs in Redis, each atomic on one partition's keys (one Redis
 Cluster slot). The fenced ones check the partition's epoch first, so a zombie cannot write once
-another instance owns the partition."""
+another instance owns the partition, and tell a newer owner's epoch (``FENCED``) from an epoch
+Redis lost (``LOST``: older than the writer's, or gone)."""
 
 # Every script takes KEYS = devices hash, meta hash, expiries sorted set.
 FENCE = """
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if epoch ~= ARGV[1] then
+local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch'))
+if epoch == nil or epoch < tonumber(ARGV[1]) then
+  return redis.error_reply('LOST partition epoch is ' .. tostring(epoch) .. ', behind ' .. ARGV[1])
+end
+if epoch > tonumber(ARGV[1]) then
   return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
 end
 """
 
-# Fenced batch write. ARGV = epoch, clock, clock offset, clock before (clock '': leave it;
-# clock before '': none), number of records, number of scores, then device, record, ...,
-# then score, device, ..., then devices to drop from the expiries.
+# Take ownership of a partition: an epoch above the stored one and no lower than ARGV[1] (the
+# time in ms), so that an owner's epoch stays above a zombie's even after Redis lost the
+# stored one. Returns {epoch, the offset the state is complete up to or false}.
+TAKE_SCRIPT = """
+local stored = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0')
+local epoch = string.format('%.0f', math.max(stored + 1, tonumber(ARGV[1])))
+redis.call('HSET', KEYS[2], 'epoch', epoch)
+return {epoch, redis.call('HGET', KEYS[2], 'complete')}
+"""
+
+# Fenced batch write. ARGV = epoch, the offset the state must be complete up to already (else
+# ``LOST``: Redis lost writes), the offset it is complete up to after this write, clock, clock
+# offset, clock before (clock '': leave it; clock before '': none), number of records, number
+# of scores, then device, record, ..., then score, device, ..., then devices to drop from the
+# expiries.
 WRITE_SCRIPT = (
     FENCE
     + """
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[2], 'clock', ARGV[2], 'clock_offset', ARGV[3])
-  if ARGV[4] == '' then
+local complete = tonumber(redis.call('HGET', KEYS[2], 'complete') or '-1')
+if complete < tonumber(ARGV[2]) then
+  return redis.error_reply('LOST partition state is complete up to offset ' .. complete
+    .. ', not ' .. ARGV[2])
+end
+redis.call('HSET', KEYS[2], 'complete', ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[2], 'clock', ARGV[4], 'clock_offset', ARGV[5])
+  if ARGV[6] == '' then
     redis.call('HDEL', KEYS[2], 'clock_before')
   else
-    redis.call('HSET', KEYS[2], 'clock_before', ARGV[4])
+    redis.call('HSET', KEYS[2], 'clock_before', ARGV[6])
   end
 end
-local records_end = 6 + 2 * tonumber(ARGV[5])
-local scores_end = records_end + 2 * tonumber(ARGV[6])
-for i = 7, records_end, 1000 do
+local records_end = 8 + 2 * tonumber(ARGV[7])
+local scores_end = records_end + 2 * tonumber(ARGV[8])
+for i = 9, records_end, 1000 do
   redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, records_end)))
 end
 for i = records_end + 1, scores_end, 1000 do
@@ -35,7 +57,18 @@ end
 for i = scores_end + 1, #ARGV, 1000 do
   redis.call('ZREM', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-return tonumber(ARGV[5])
+return tonumber(ARGV[7])
+"""
+)
+
+# Fenced wipe of a partition whose state cannot be trusted (no record of how complete it is):
+# its devices, expiries and clock go, its epoch stays. ARGV = epoch.
+WIPE_SCRIPT = (
+    FENCE
+    + """
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('HDEL', KEYS[2], 'clock', 'clock_offset', 'clock_before', 'complete')
+return 1
 """
 )
 

@@ -3,8 +3,9 @@
 :class:`Service` consumes batches, hands each to a :class:`~enricher.checkpoint.Checkpoint`
 (the exactly-once protocol, in one place), and on failure backs off and lets the consumer
 deliver the rewound batch again. It also answers the consumer group's rebalances (fencing the
-partitions it is assigned in Redis), runs the state-TTL sweep between batches, and keeps the
-health the probes report.
+partitions it is assigned in Redis, and checking that Redis holds all their committed state),
+rebuilds the state Redis lost from the input topic (:mod:`enricher.repair`) and runs the
+state-TTL sweep between batches, and keeps the health the probes report.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -21,7 +22,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from enricher import session_ends
 from enricher.checkpoint import Checkpoint
 from enricher.codecs.factory import Codecs
-from enricher.collaborators import Outcome, OwnedPartition, Topics
+from enricher.collaborators import Consumer as CheckpointConsumer
+from enricher.collaborators import Outcome, OwnedPartition, Publisher, Topics
 from enricher.config import Settings
 from enricher.deadletter import HEADER_PREFIX
 from enricher.enrich import Enricher
@@ -29,7 +31,8 @@ from enricher.errors import Unavailable
 from enricher.intake import InputMessage, MessageDecoder
 from enricher.metrics import Metrics
 from enricher.output import Output, Refused, consumer_config, producer_config
-from enricher.store import Fenced, PartitionStore
+from enricher.repair import Discard, Reader, Repair, plan
+from enricher.store import Fenced, PartitionStore, StateLost
 from enricher.sweeper import Sweeper
 
 log = logging.getLogger("enricher.service")
@@ -37,6 +40,20 @@ log = logging.getLogger("enricher.service")
 DLQ_HEADER_PREFIX = HEADER_PREFIX
 _BACKOFF_START = 0.2
 _BACKOFF_MAX = 10.0
+# How long one pass of the loop may spend on a repair before it serves the other partitions.
+_REPAIR_SLICE_SECONDS = 0.5
+
+
+class LayoutChanged(RuntimeError):
+    """The input topic's partition count is not the one the state in Redis is placed by."""
+
+
+def layout_message(topic: str, partitions: int, stored: int) -> str:
+    return (
+        f"the input topic {topic} has {partitions} partitions, but the device state in Redis is"
+        f" placed by {stored}: stop every instance, run `enricher state migrate --partitions"
+        f" {partitions}` with the same settings, then start them again"
+    )
 
 
 class Service:
@@ -64,6 +81,14 @@ class Service:
         self.aborted_batch: dict[int, int] = {}
         """the first offsets of the last batch aborted, while no batch has committed since"""
         self.aborts_in_a_row = 0
+        self.partition_count = 0
+        """the input's partition count the state is placed by (:meth:`check_layout`)"""
+        self.layout_error = ""
+        self.repairs: dict[int, Repair] = {}
+        """partitions whose state is being rebuilt, in the order found"""
+        self._paused_for_repair: set[int] = set()
+        self._repair_after = 0.0
+        self._reader: Consumer | None = None
         self.topics = Topics(
             settings.input_topic,
             settings.output_topic,
@@ -107,8 +132,20 @@ class Service:
 
     # -- running ---------------------------------------------------------------------------
 
+    def check_layout(self) -> None:
+        """Raise :class:`LayoutChanged` unless the input has the partition count the state in
+        Redis is placed by (recorded by the first instance that ever ran)."""
+        partitions = self.input_partitions()
+        stored = self.redis_call("layout", self.store.partition_count)
+        if stored is None:
+            self.redis_call("layout", lambda: self.store.record_partition_count(partitions))
+        elif stored != partitions:
+            raise LayoutChanged(layout_message(self.settings.input_topic, partitions, stored))
+        self.partition_count = partitions
+
     def run(self) -> None:
-        """Serve until :meth:`stop`; then leave the group cleanly."""
+        """Serve until :meth:`stop`; then leave the group cleanly. Raises
+        :class:`LayoutChanged` when the input topic gains partitions meanwhile."""
         self.producer.init_transactions(self.kafka_timeout)
         self.consumer.subscribe(
             [self.settings.input_topic],
@@ -129,8 +166,11 @@ class Service:
                     self._set_health("kafka", True)
                     self.process(batch)
                 self._sweep()
+                self._repair()
         finally:
             self.close()
+        if self.layout_error:
+            raise LayoutChanged(self.layout_error)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -146,6 +186,8 @@ class Service:
         while self.consumer.assignment() and time.monotonic() < deadline:
             self.consumer.poll(0.1)  # rebalance callbacks; a message here is not committed
         self.consumer.close()
+        if self._reader is not None:
+            self._reader.close()
         self.producer.flush(self.settings.shutdown_timeout)
 
     def input_partitions(self) -> int:
@@ -158,7 +200,9 @@ class Service:
         return len(partitions)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        detail = {"partitions": sorted(self.owned), **self.healthy}
+        detail: dict[str, Any] = {"partitions": sorted(self.owned)}
+        detail["repairing"] = sorted(self.repairs)
+        detail.update(self.healthy)
         return bool(self.owned) and all(self.healthy.values()), detail
 
     def live(self) -> tuple[bool, dict[str, Any]]:
@@ -175,25 +219,12 @@ class Service:
         A failed batch is not retried in place: the main loop consumes it again from the
         rewound offsets, so rebalance callbacks keep running while Kafka or Redis is away.
         """
-        messages = [m for m in messages if m.partition in self.owned]
+        repairs = self.repairs
+        messages = [m for m in messages if m.partition in self.owned and m.partition not in repairs]
         if not messages:
             return
         started = time.monotonic()
-        checkpoint = Checkpoint(
-            messages,
-            output=self.output,
-            consumer=self.consumer,
-            store=self.store,
-            decode=self.decode,
-            enricher=self.enricher,
-            encode=self.codecs.encode,
-            encode_session=self.codecs.encode_session,
-            owned=self.owned,
-            session_ends=self.new_session_ends(),
-            topics=self.topics,
-            max_message_bytes=self.settings.max_message_bytes,
-            redis=self.redis_call,
-        )
+        checkpoint = self._checkpoint(messages, self.owned, self.output, self.consumer)
         try:
             outcome = checkpoint.run()
         except Fenced as error:
@@ -204,6 +235,10 @@ class Service:
             self.consumer.pause(
                 [TopicPartition(self.settings.input_topic, p) for p in error.partitions]
             )
+            return
+        except StateLost as error:
+            self._abort(checkpoint)
+            self._lost(error)
             return
         except (Unavailable, Refused, KafkaException, redis.RedisError) as error:
             self._abort(checkpoint)
@@ -221,6 +256,29 @@ class Service:
         self.metrics.batch_size.observe(len(messages))
         self.metrics.batch_duration.observe(time.monotonic() - started)
 
+    def _checkpoint(
+        self,
+        messages: list[InputMessage],
+        owned: dict[int, OwnedPartition],
+        output: Publisher,
+        consumer: CheckpointConsumer,
+    ) -> Checkpoint:
+        return Checkpoint(
+            messages,
+            output=output,
+            consumer=consumer,
+            store=self.store,
+            decode=self.decode,
+            enricher=self.enricher,
+            encode=self.codecs.encode,
+            encode_session=self.codecs.encode_session,
+            owned=owned,
+            session_ends=self.new_session_ends(),
+            topics=self.topics,
+            max_message_bytes=self.settings.max_message_bytes,
+            redis=self.redis_call,
+        )
+
     def _sweep(self) -> None:
         try:
             self.sweeper.step()
@@ -228,8 +286,149 @@ class Service:
             log.warning("sweep fenced: %s", error)
             for partition in error.partitions:
                 self.owned.pop(partition, None)
+        except StateLost as error:
+            self._lost(error)
         except Unavailable as error:
             log.info("sweep postponed: %s", error)
+
+    # -- state repair ----------------------------------------------------------------------
+
+    def _lost(self, error: StateLost) -> None:
+        """Redis lost state of owned partitions: take them again (Redis may have lost their
+        epochs too) and repair what is behind."""
+        log.error("%s; rebuilding it from the input topic", error)
+        partitions = [p for p in error.partitions if p in self.owned]
+        try:
+            taken = self.redis_call(
+                "fence", lambda: self.store.fence(partitions, int(time.time() * 1000))
+            )
+        except Unavailable as unavailable:
+            log.warning("cannot take partitions %s again yet: %s", partitions, unavailable)
+            return
+        for partition, ownership in taken.items():
+            owned = self.owned[partition]
+            owned.epoch, owned.cache = ownership.epoch, {}
+            self._drop_repair(partition)
+            self._plan_repair(partition, ownership.complete, owned.committed)
+
+    def _plan_repair(self, partition: int, complete: int | None, committed: int) -> None:
+        """Start a repair of the partition if its state is behind its committed offset."""
+        if committed < 0 or (complete is not None and complete >= committed):
+            return
+        tp = TopicPartition(self.settings.input_topic, partition)
+        earliest, _ = self.consumer.get_watermark_offsets(tp, self.kafka_timeout)
+        needed = plan(partition, complete, committed, earliest)
+        if needed is None:
+            return
+        found = "missing" if complete is None else "behind"
+        log.error(
+            "redis is behind kafka on partition %d: state complete up to %s, committed %d;"
+            " replaying offsets %d to %d of the input before enriching it",
+            partition,
+            "nothing (no record: wiped)" if complete is None else complete,
+            committed,
+            needed.start,
+            committed,
+        )
+        if needed.unreplayable:
+            log.error(
+                "partition %d: %d input offsets whose state was lost are no longer retained"
+                " (from %d, earliest retained %d): devices with events there restart from older"
+                " state",
+                partition,
+                needed.unreplayable,
+                needed.start - needed.unreplayable,
+                earliest,
+            )
+            self.metrics.state_repair_unreplayable.inc(needed.unreplayable)
+        self.metrics.state_repairs.labels(found=found).inc()
+        self.repairs[partition] = Repair(
+            needed,
+            self.owned[partition].epoch,
+            topic=self.settings.input_topic,
+            reader=self._repair_reader(),
+            store=self.store,
+            run=self._replay,
+            chunk_size=self.settings.batch_size,
+            replayed=self.metrics.state_repair_events.inc,
+        )
+        self.metrics.state_repairing.set(len(self.repairs))
+
+    def _repair_reader(self) -> Consumer:
+        if self._reader is None:
+            config = consumer_config(self.settings)
+            config["enable.partition.eof"] = True
+            config.pop("statistics.interval.ms", None)
+            self._reader = Consumer(config, logger=logging.getLogger("enricher.kafka"))
+        return self._reader
+
+    def _replay(self, messages: list[InputMessage], owned: OwnedPartition, reader: Reader) -> None:
+        checkpoint = self._checkpoint(messages, {messages[0].partition: owned}, Discard(), reader)
+        try:
+            checkpoint.run()
+        except BaseException:
+            checkpoint.abort()
+            raise
+
+    def _repair(self) -> None:
+        """Pause the partitions under repair, and replay the first repair for a while."""
+        if not self.repairs or time.monotonic() < self._repair_after:
+            return
+        fresh = [p for p in self.repairs if p not in self._paused_for_repair]
+        if fresh:
+            topic = self.settings.input_topic
+            try:
+                self.consumer.pause([TopicPartition(topic, p) for p in fresh])
+            except KafkaException as error:
+                log.info("partitions %s not paused yet: %s", fresh, error)
+                return
+            self._paused_for_repair.update(fresh)
+        repair = next(iter(self.repairs.values()))
+        partition = repair.partition
+        deadline = time.monotonic() + _REPAIR_SLICE_SECONDS
+        try:
+            while not repair.step():
+                if time.monotonic() > deadline or self.stopping.is_set():
+                    return
+        except Fenced as error:
+            log.warning("repair fenced: %s", error)
+            self._drop_repair(partition)
+            self.owned.pop(partition, None)
+            return
+        except StateLost as error:
+            self._lost(error)
+            return
+        except (Unavailable, KafkaException, redis.RedisError) as error:
+            if isinstance(error, KafkaException) and error.args[0].fatal():
+                raise
+            log.warning("repair of partition %d postponed: %s", partition, error)
+            self._repair_after = time.monotonic() + _BACKOFF_MAX / 2
+            return
+        self._repaired(repair)
+
+    def _repaired(self, repair: Repair) -> None:
+        """Serve the repaired partition again, from its committed offset."""
+        partition, end = repair.partition, repair.plan.end
+        self._drop_repair(partition)
+        owned = self.owned.get(partition)
+        if owned is not None:
+            owned.cache = {}
+            tp = TopicPartition(self.settings.input_topic, partition, end)
+            self.consumer.seek(tp)
+            self.consumer.resume([tp])
+        log.warning(
+            "partition %d repaired: replayed %d input records up to offset %d",
+            partition,
+            repair.events,
+            end,
+        )
+
+    def _drop_repair(self, partition: int) -> None:
+        repair = self.repairs.pop(partition, None)
+        if repair is not None:
+            repair.close()
+            self._paused_for_repair.discard(partition)
+        self.metrics.state_repairing.set(len(self.repairs))
 
     def _abort(self, checkpoint: Checkpoint) -> None:
         """Abort the batch, counting how often the same batch failed in a row."""
@@ -308,10 +507,19 @@ class Service:
     def _on_assign(self, _: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
         self.metrics.rebalances.labels(kind="assign").inc()
+        if numbers and self.partition_count and max(numbers) >= self.partition_count:
+            self.layout_error = layout_message(
+                self.settings.input_topic, self.input_partitions(), self.partition_count
+            )
+            log.error("%s", self.layout_error)
+            self.stop()
+            return
         delay = _BACKOFF_START
         while True:
             try:
-                epochs = self.redis_call("fence", lambda: self.store.fence(numbers))
+                taken = self.redis_call(
+                    "fence", lambda: self.store.fence(numbers, int(time.time() * 1000))
+                )
                 break
             except Unavailable as error:
                 if self.stopping.is_set():
@@ -326,10 +534,21 @@ class Service:
             self.consumer.resume(partitions)
         except KafkaException as error:
             log.info("partitions %s not resumed: %s", numbers, error)
-        for partition, epoch in epochs.items():
-            self.owned[partition] = OwnedPartition(epoch)
+        committed = self._committed(partitions)
+        for partition, ownership in taken.items():
+            self.owned[partition] = OwnedPartition(ownership.epoch, committed[partition])
+            self._drop_repair(partition)
+            self._plan_repair(partition, ownership.complete, committed[partition])
         self.metrics.assigned.set(len(self.owned))
+        epochs = {p: o.epoch for p, o in taken.items()}
         log.info("assigned partitions %s (epochs %s)", numbers, epochs)
+
+    def _committed(self, partitions: Iterable[TopicPartition]) -> dict[int, int]:
+        """The group's committed offset of each partition (-1: none)."""
+        topic = self.settings.input_topic
+        wanted = [TopicPartition(topic, tp.partition) for tp in partitions]
+        found = self.consumer.committed(wanted, timeout=self.kafka_timeout)
+        return {tp.partition: max(tp.offset, -1) for tp in found}
 
     def _on_revoke(self, _: Consumer, partitions: list[TopicPartition]) -> None:
         self._release(partitions, "revoke")
@@ -341,6 +560,7 @@ class Service:
         numbers = [tp.partition for tp in partitions]
         for partition in numbers:
             self.owned.pop(partition, None)
+            self._drop_repair(partition)
         self.output.forget_partitions(numbers)
         self.metrics.forget_partitions(numbers)
         self.metrics.rebalances.labels(kind=kind).inc()

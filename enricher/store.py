@@ -4,14 +4,20 @@ Layout, per input partition (one Redis Cluster slot each, through the hash tag):
 
 * ``<prefix>{<topic>:<partition>}:devices`` - a hash: device id -> state record
   (:mod:`enricher.records`);
-* ``<prefix>{<topic>:<partition>}:meta`` - a hash holding ``epoch``, the partition's fence,
-  and the partition's event-time clock for the session events topic;
+* ``<prefix>{<topic>:<partition>}:meta`` - a hash holding ``epoch``, the partition's fence;
+  ``complete``, the input offset the state is complete up to (the end of the last batch
+  written); and the partition's event-time clock for the session events topic;
 * ``<prefix>{<topic>:<partition>}:renews`` - a hash: device id -> renew requests;
 * ``<prefix>{<topic>:<partition>}:expiries`` - a sorted set of devices whose session may not
-  be declared ended yet, scored no later than its expiry (session events topic only).
+  be declared ended yet, scored no later than its expiry (session events topic only);
+* ``<prefix>{<topic>}:partitions`` - the input topic's partition count the devices are
+  placed by (one key for the topic).
 
 Writes go through the fenced scripts of :mod:`enricher.scripts`: they check the partition's
-epoch, bumped by every new owner, so a zombie cannot write at all once the partition has moved.
+epoch, bumped by every new owner, so a zombie cannot write at all once the partition has moved;
+and that the state is complete up to the offset the writer expects, so that state Redis lost
+(a restart from an older snapshot, a failover, a flush) is noticed (:class:`StateLost`) and
+repaired (:mod:`enricher.repair`) before anything is enriched from it.
 The clock is kept as the state records are (its value, the offset of the batch that wrote it,
 and the value before that batch), and an expiry score is never later than the expiry of either
 the state or the snapshot of its device, so a replay finds every session it must end.
@@ -30,7 +36,13 @@ from enricher.config import Settings
 from enricher.ids import IdDeriver
 from enricher.partitioning import kafka_partition
 from enricher.records import LAST_EVENT_AT, LATEST, NO_OFFSET, Record, RecordCodec
-from enricher.scripts import EXPIRING_SCRIPT, SWEEP_SCRIPT, WRITE_SCRIPT
+from enricher.scripts import (
+    EXPIRING_SCRIPT,
+    SWEEP_SCRIPT,
+    TAKE_SCRIPT,
+    WIPE_SCRIPT,
+    WRITE_SCRIPT,
+)
 from enricher.session import SessionState
 
 RedisClient = redis.Redis | redis.cluster.RedisCluster
@@ -66,11 +78,22 @@ class Loaded(NamedTuple):
     expiring: dict[int, Expiring]
 
 
+class Ownership(NamedTuple):
+    """A partition just taken: its new epoch, and the offset its state is complete up to
+    (None: Redis holds no record of it: a new partition, or one whose state was wiped)."""
+
+    epoch: int
+    complete: int | None
+
+
 class PartitionWrite(NamedTuple):
     """One batch's writes to one partition, fenced by ``epoch``."""
 
     epoch: int
     records: Mapping[str, bytes]
+    complete: tuple[int, int]
+    """(the offset the state must be complete up to already, the offset it is complete up to
+    with this write)"""
     clock: tuple[int, int, int | None] | None = None
     """(clock, offset of the batch's last event, committed clock before the batch)"""
     scores: Mapping[str, int] = {}
@@ -85,6 +108,15 @@ class Fenced(RuntimeError):
     def __init__(self, partitions: Iterable[int]) -> None:
         self.partitions = sorted(partitions)
         super().__init__(f"fenced out of partitions {self.partitions}")
+
+
+class StateLost(RuntimeError):
+    """Redis holds less of these partitions' state than was committed: it lost writes (a
+    restart from an older snapshot, a failover to a lagging replica, a flush)."""
+
+    def __init__(self, partitions: Iterable[int], detail: str) -> None:
+        self.partitions = sorted(partitions)
+        super().__init__(f"redis lost state of partitions {self.partitions}: {detail}")
 
 
 def connect(settings: Settings) -> RedisClient:
@@ -133,13 +165,30 @@ class PartitionStore:
     def keys(self, partition: int) -> PartitionKeys:
         return partition_keys(self.prefix, self.topic, partition)
 
-    def fence(self, partitions: Iterable[int]) -> dict[int, int]:
-        """Take ownership: bump each partition's epoch; writes with an older one now fail."""
+    def fence(self, partitions: Iterable[int], now_ms: int) -> dict[int, Ownership]:
+        """Take ownership: a new epoch for each partition, above the stored one and no lower
+        than ``now_ms``; writes with an older epoch now fail. Also reads how complete each
+        partition's state is."""
         ordered = list(partitions)
         pipe = self.client.pipeline(transaction=False)
         for partition in ordered:
-            pipe.hincrby(self.keys(partition).meta, "epoch", 1)
-        return dict(zip(ordered, (int(e) for e in pipe.execute()), strict=True))
+            pipe.execute_command("EVAL", TAKE_SCRIPT, 3, *keys_of(self.keys(partition)), now_ms)
+        taken = {}
+        for partition, (epoch, complete) in zip(ordered, pipe.execute(), strict=True):
+            taken[partition] = Ownership(int(epoch), None if complete is None else int(complete))
+        return taken
+
+    def wipe(self, partition: int, epoch: int) -> None:
+        """Drop a partition's devices, expiries and clock (fenced); its renew requests stay."""
+        self._fenced_scripts({partition: (WIPE_SCRIPT, [epoch])})
+
+    def partition_count(self) -> int | None:
+        """The input partition count the devices are placed by (None: not recorded yet)."""
+        value = self.client.get(f"{self.prefix}{{{self.topic}}}:partitions")
+        return None if value is None else int(value)
+
+    def record_partition_count(self, partitions: int) -> None:
+        self.client.set(f"{self.prefix}{{{self.topic}}}:partitions", partitions)
 
     def load(
         self,
@@ -216,29 +265,33 @@ class PartitionStore:
             names = [*keys_of(keys), keys.renews] if renews else keys_of(keys)
             pipe.execute_command("EVAL", script, len(names), *names, *args)
         replies: dict[int, Any] = {}
-        fenced = []
+        fenced, lost = [], {}
         for partition, reply in zip(calls, pipe.execute(raise_on_error=False), strict=True):
             if isinstance(reply, redis.ResponseError) and str(reply).startswith("FENCED"):
                 fenced.append(partition)
+            elif isinstance(reply, redis.ResponseError) and str(reply).startswith("LOST"):
+                lost[partition] = str(reply).removeprefix("LOST ")
             elif isinstance(reply, Exception):
                 raise reply
             else:
                 replies[partition] = reply
         if fenced:
             raise Fenced(fenced)
+        if lost:
+            raise StateLost(lost, "; ".join(f"{p}: {why}" for p, why in lost.items()))
         return replies
 
     def save(self, writes: Mapping[int, PartitionWrite]) -> None:
-        """One batch's writes, fenced by each partition's epoch."""
+        """One batch's writes, fenced by each partition's epoch and checked against how
+        complete each partition's state must be already."""
         calls: dict[int, tuple[str, list[Any]]] = {}
         for partition, write in writes.items():
-            if not (write.records or write.clock or write.scores or write.unscored):
-                continue
             clock: list[Any] = ["", "", ""]
             if write.clock is not None:
                 value, offset, before = write.clock
                 clock = [value, offset, "" if before is None else before]
-            args: list[Any] = [write.epoch, *clock, len(write.records), len(write.scores)]
+            args: list[Any] = [write.epoch, *write.complete, *clock]
+            args += (len(write.records), len(write.scores))
             for device, data in write.records.items():
                 args += (device, data)
             for device, score in write.scores.items():

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,12 +17,27 @@ from stack import Stack
 from enricher import generate
 from enricher.codecs import tracker
 from enricher.ids import IdDeriver
+from enricher.migrate import migrate
 from enricher.partitioning import kafka_partition
 from enricher.session import SessionState
-from enricher.store import ClockQuery, Fenced, FileModeStore, PartitionStore, PartitionWrite
+from enricher.store import (
+    ClockQuery,
+    Fenced,
+    FileModeStore,
+    Ownership,
+    PartitionStore,
+    PartitionWrite,
+    StateLost,
+)
 
 pytestmark = pytest.mark.integration
 IDS = IdDeriver("salt")
+# A write that checks nothing of how complete the state is (the tests of that check say so).
+ANY_STATE = (-1, 0)
+
+
+def epochs(taken: Mapping[int, Ownership]) -> dict[int, int]:
+    return {p: o.epoch for p, o in taken.items()}
 
 
 def state(device: str, index: int, last_ms: int) -> SessionState:
@@ -47,34 +63,37 @@ def store(stack: Stack) -> PartitionStore:
 
 
 def test_a_new_owner_fences_out_the_old_one(store: PartitionStore) -> None:
-    old = store.fence([0, 1])
-    new = store.fence([0])
+    old = epochs(store.fence([0, 1], 1000))
+    new = epochs(store.fence([0], 1000))
     assert new[0] == old[0] + 1
     record = store.codec.pack(state("d", 1, 1000), 10, None)
     with pytest.raises(Fenced) as fenced:
         store.save(
-            {0: PartitionWrite(old[0], {"d": record}), 1: PartitionWrite(old[1], {"d": record})}
+            {
+                0: PartitionWrite(old[0], {"d": record}, ANY_STATE),
+                1: PartitionWrite(old[1], {"d": record}, ANY_STATE),
+            }
         )
     assert fenced.value.partitions == [0]
     assert store.load({0: (0, ["d"])}).states == {0: {}}
     assert store.load({1: (11, ["d"])}).states == {1: {"d": state("d", 1, 1000)}}
-    store.save({0: PartitionWrite(new[0], {"d": record})})
+    store.save({0: PartitionWrite(new[0], {"d": record}, ANY_STATE)})
     assert store.load({0: (11, ["d"])}).states == {0: {"d": state("d", 1, 1000)}}
 
 
 def test_a_replayed_batch_starts_from_the_snapshot(store: PartitionStore) -> None:
-    epoch = store.fence([3])[3]
+    epoch = store.fence([3], 1000)[3].epoch
     before, after = state("d", 1, 1000), state("d", 2, 9000)
-    store.save({3: PartitionWrite(epoch, {"d": store.codec.pack(after, 57, before)})})
+    store.save({3: PartitionWrite(epoch, {"d": store.codec.pack(after, 57, before)}, ANY_STATE)})
     assert store.load({3: (50, ["d"])}).states[3] == {"d": before}
     assert store.load({3: (57, ["d"])}).states[3] == {"d": before}
     assert store.load({3: (58, ["d"])}).states[3] == {"d": after}
-    store.save({3: PartitionWrite(epoch, {"new": store.codec.pack(after, 60, None)})})
+    store.save({3: PartitionWrite(epoch, {"new": store.codec.pack(after, 60, None)}, ANY_STATE)})
     assert store.load({3: (60, ["new"])}).states[3] == {}
 
 
 def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
-    epoch = store.fence([2])[2]
+    epoch = store.fence([2], 1000)[2].epoch
     now_ms = int(time.time() * 1000)
     records = {
         f"old-{i}": store.codec.pack(state(f"old-{i}", 1, now_ms - 10 * 86_400_000), 1, None)
@@ -83,7 +102,7 @@ def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
     records |= {
         f"new-{i}": store.codec.pack(state(f"new-{i}", 1, now_ms), 1, None) for i in range(300)
     }
-    store.save({2: PartitionWrite(epoch, records)})
+    store.save({2: PartitionWrite(epoch, records, ANY_STATE)})
     cursor, deleted = 0, 0
     for _ in range(100):
         result = store.sweep({2: (epoch, cursor)}, now_ms - 86_400_000, 200)
@@ -101,13 +120,13 @@ def test_the_sweep_expires_quiet_devices_only(store: PartitionStore) -> None:
 def test_the_sweep_drops_the_renew_counters_of_devices_without_state(
     store: PartitionStore,
 ) -> None:
-    epoch = store.fence([5])[5]
+    epoch = store.fence([5], 1000)[5].epoch
     now_ms = int(time.time() * 1000)
     records = {
         "old": store.codec.pack(state("old", 1, now_ms - 10 * 86_400_000), 1, None),
         "new": store.codec.pack(state("new", 1, now_ms), 1, None),
     }
-    store.save({5: PartitionWrite(epoch, records)})
+    store.save({5: PartitionWrite(epoch, records, ANY_STATE)})
     for device in ("old", "new", "never-seen"):
         store.request_renew(5, device)
     assert store.sweep({5: (epoch, 0)}, now_ms - 86_400_000, 200) == {5: (0, 1)}
@@ -179,8 +198,10 @@ def test_renew_requests_are_counted_beside_the_state(store: PartitionStore) -> N
     assert store.latest(4, "d") == (None, 0)
     assert store.request_renew(4, "d") == 1
     assert store.request_renew(4, "d") == 2
-    epoch = store.fence([4])[4]
-    store.save({4: PartitionWrite(epoch, {"d": store.codec.pack(state("d", 2, 7000), 9, None)})})
+    epoch = store.fence([4], 1000)[4].epoch
+    store.save(
+        {4: PartitionWrite(epoch, {"d": store.codec.pack(state("d", 2, 7000), 9, None)}, ANY_STATE)}
+    )
     record, renews = store.latest(4, "d")
     assert record is not None
     assert (record.state, renews) == (state("d", 2, 7000), 2)
@@ -190,7 +211,7 @@ def test_renew_requests_are_counted_beside_the_state(store: PartitionStore) -> N
 
 
 def test_the_clock_and_the_expiries_follow_the_snapshot_rule(store: PartitionStore) -> None:
-    epoch = store.fence([5])[5]
+    epoch = store.fence([5], 1000)[5].epoch
     a = replace(state("a", 1, 1000), expires_ms=5000)
     b = replace(state("b", 1, 2000), expires_ms=20_000)
 
@@ -210,7 +231,7 @@ def test_the_clock_and_the_expiries_follow_the_snapshot_rule(store: PartitionSto
     assert expiring(0, 10_000) == (None, 10_000, {})
     records = {"a": store.codec.pack(a, 3, None), "b": store.codec.pack(b, 2, None)}
     scores = {"a": a.expires_ms, "b": b.expires_ms}
-    store.save({5: PartitionWrite(epoch, records, (10_000, 3, None), scores)})
+    store.save({5: PartitionWrite(epoch, records, ANY_STATE, (10_000, 3, None), scores)})
     # Replaying the batch that wrote offsets up to 3: neither its clock nor its states count.
     assert expiring(0, 10_000) == (None, 10_000, {"a": None})
     assert expiring(0, None) == (None, None, {})
@@ -222,10 +243,118 @@ def test_the_clock_and_the_expiries_follow_the_snapshot_rule(store: PartitionSto
 
     ended = replace(a, ended=True, ends_declared=1)
     write = PartitionWrite(
-        epoch, {"a": store.codec.pack(ended, 9, a)}, (22_000, 9, 10_000), {}, ["b"]
+        epoch, {"a": store.codec.pack(ended, 9, a)}, ANY_STATE, (22_000, 9, 10_000), {}, ["b"]
     )
     store.save({5: write})
     assert expiring(5, None) == (10_000, 10_000, {"a": a})
     assert expiring(10, None) == (22_000, 22_000, {"a": ended})
     with pytest.raises(Fenced):
         store.save({5: write._replace(epoch=epoch - 1)})
+
+
+def test_a_write_refuses_state_redis_lost_and_a_newer_owner_tells_the_two_apart(
+    store: PartitionStore,
+) -> None:
+    meta = store.keys(6).meta
+    client = store.client
+    taken = store.fence([6], 1000)[6]
+    assert taken.complete is None
+    record = store.codec.pack(state("d", 1, 1000), 49, None)
+    store.save({6: PartitionWrite(taken.epoch, {"d": record}, (-1, 50))})
+    again = store.fence([6], 1000)[6]
+    assert again == Ownership(taken.epoch + 1, 50)
+    store.save({6: PartitionWrite(again.epoch, {}, (50, 80))})  # complete up to what it needs
+    with pytest.raises(StateLost, match="complete up to offset 80, not 90"):
+        store.save({6: PartitionWrite(again.epoch, {}, (90, 100))})
+    client.hset(meta, "epoch", again.epoch - 1)  # Redis came back with an older epoch
+    with pytest.raises(StateLost) as lost:
+        store.save({6: PartitionWrite(again.epoch, {}, (80, 81))})
+    assert lost.value.partitions == [6]
+    client.delete(meta)  # flushed
+    with pytest.raises(StateLost):
+        store.save({6: PartitionWrite(again.epoch, {}, (-1, 81))})
+    assert store.load({6: (100, ["d"])}).states == {6: {"d": state("d", 1, 1000)}}
+
+
+def test_an_epoch_is_never_below_the_time_it_was_taken(store: PartitionStore) -> None:
+    assert store.fence([7], 1_700_000_000_000)[7].epoch == 1_700_000_000_000
+    assert store.fence([7], 5)[7].epoch == 1_700_000_000_001
+
+
+def test_a_wipe_drops_devices_expiries_clock_and_completeness_not_epoch_or_renews(
+    store: PartitionStore,
+) -> None:
+    epoch = store.fence([8], 1000)[8].epoch
+    store.request_renew(8, "d")
+    record = store.codec.pack(state("d", 1, 1000), 3, None)
+    store.save({8: PartitionWrite(epoch, {"d": record}, (-1, 4), (5000, 3, None), {"d": 9000})})
+    store.wipe(8, epoch)
+    keys = store.keys(8)
+    assert not store.client.exists(keys.devices, keys.expiries)
+    assert store.client.hgetall(keys.meta) == {b"epoch": str(epoch).encode()}
+    assert store.latest(8, "d") == (None, 1)
+    with pytest.raises(Fenced):
+        store.wipe(8, epoch - 1)
+
+
+def test_the_partition_count_is_recorded_once_per_topic(store: PartitionStore) -> None:
+    assert store.partition_count() is None
+    store.record_partition_count(12)
+    assert store.partition_count() == 12
+    other = PartitionStore(store.client, store.prefix, "other", IDS)
+    assert other.partition_count() is None
+
+
+def test_a_migration_moves_each_device_with_its_committed_state_renews_and_expiry(
+    store: PartitionStore,
+) -> None:
+    store.record_partition_count(2)
+    devices = [f"device-{n}" for n in range(60)]
+    epochs = {p: store.fence([p], 1000)[p].epoch for p in (0, 1)}
+    committed = {0: 100, 1: 100}
+    expected: dict[str, SessionState] = {}
+    by_partition: dict[int, dict[str, bytes]] = {0: {}, 1: {}}
+    scores: dict[int, dict[str, int]] = {0: {}, 1: {}}
+    for n, device in enumerate(devices):
+        before, after = state(device, 1, 1000 + n), state(device, 2, 5000 + n)
+        partition = kafka_partition(device.encode(), 2)
+        if n % 3 == 0:  # written by a batch that never committed: the snapshot is committed
+            packed, expected[device] = store.codec.pack(after, 120, before), before
+        elif n % 3 == 1:
+            packed, expected[device] = store.codec.pack(after, 90, before), after
+        else:  # first seen in a batch that never committed: nothing committed to move
+            packed = store.codec.pack(after, 130, None)
+        by_partition[partition][device] = packed
+        scores[partition][device] = 7000 + n
+        store.request_renew(partition, device)
+    for partition in (0, 1):
+        write = PartitionWrite(
+            epochs[partition], by_partition[partition], (-1, 131), None, scores[partition]
+        )
+        store.save({partition: write})
+
+    done = migrate(store, committed | {2: 40}, 3, 2000)
+
+    assert store.partition_count() == 3
+    moved = [d for d in devices if kafka_partition(d.encode(), 3) != kafka_partition(d.encode(), 2)]
+    assert done.moved + done.dropped == len(moved) > 0
+    assert done.dropped == sum(1 for d in moved if d not in expected)
+    for device in devices:
+        partition = kafka_partition(device.encode(), 3)
+        record, renews = store.latest(partition, device)
+        if device in moved and device not in expected:
+            assert record is None
+            continue
+        assert record is not None
+        if device in moved:
+            assert (record.state, record.offset, record.snapshot) == (expected[device], -1, None)
+        assert renews == 1
+        score = store.client.zscore(store.keys(partition).expiries, device)
+        assert score == 7000 + devices.index(device)
+        for other in {0, 1, 2} - {partition}:
+            assert store.latest(other, device) == (None, 0)
+    # The new partition is complete up to the group's committed offset there, and a running
+    # instance of the old layout is fenced out.
+    assert store.fence([2], 1000)[2].complete == 40
+    with pytest.raises(Fenced):
+        store.save({0: PartitionWrite(epochs[0], {}, ANY_STATE)})
