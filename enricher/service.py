@@ -42,6 +42,9 @@ _BACKOFF_START = 0.2
 _BACKOFF_MAX = 10.0
 # How long one pass of the loop may spend on a repair before it serves the other partitions.
 _REPAIR_SLICE_SECONDS = 0.5
+# How long one pass of the loop waits for the committed offsets of newly assigned partitions
+# (they wait while a transaction that commits offsets is pending).
+_COMMITTED_WAIT_SECONDS = 1.0
 
 
 class LayoutChanged(RuntimeError):
@@ -86,7 +89,12 @@ class Service:
         self.layout_error = ""
         self.repairs: dict[int, Repair] = {}
         """partitions whose state is being rebuilt, in the order found"""
-        self._paused_for_repair: set[int] = set()
+        self.unchecked: dict[int, int | None] = {}
+        """partitions assigned whose state was not compared with the committed offset yet:
+        how complete Redis said their state was when they were taken"""
+        self._dropped: dict[int, int] = {}
+        """the first offset consumed of an unchecked partition (consumed, not enriched)"""
+        self._paused: set[int] = set()
         self._repair_after = 0.0
         self._reader: Consumer | None = None
         self.topics = Topics(
@@ -166,6 +174,7 @@ class Service:
                     self._set_health("kafka", True)
                     self.process(batch)
                 self._sweep()
+                self._check_assigned()
                 self._repair()
         finally:
             self.close()
@@ -219,8 +228,15 @@ class Service:
         A failed batch is not retried in place: the main loop consumes it again from the
         rewound offsets, so rebalance callbacks keep running while Kafka or Redis is away.
         """
-        repairs = self.repairs
-        messages = [m for m in messages if m.partition in self.owned and m.partition not in repairs]
+        owned, repairs, unchecked = self.owned, self.repairs, self.unchecked
+        if repairs or unchecked:
+            for m in messages:
+                if m.partition in unchecked:
+                    self._dropped.setdefault(m.partition, m.offset)
+            messages = [m for m in messages if m.partition in owned and m.partition not in repairs]
+            messages = [m for m in messages if m.partition not in unchecked]
+        else:
+            messages = [m for m in messages if m.partition in owned]
         if not messages:
             return
         started = time.monotonic()
@@ -374,15 +390,8 @@ class Service:
         """Pause the partitions under repair, and replay the first repair for a while."""
         if not self.repairs or time.monotonic() < self._repair_after:
             return
-        fresh = [p for p in self.repairs if p not in self._paused_for_repair]
-        if fresh:
-            topic = self.settings.input_topic
-            try:
-                self.consumer.pause([TopicPartition(topic, p) for p in fresh])
-            except KafkaException as error:
-                log.info("partitions %s not paused yet: %s", fresh, error)
-                return
-            self._paused_for_repair.update(fresh)
+        if not self._hold(list(self.repairs)):
+            return
         repair = next(iter(self.repairs.values()))
         partition = repair.partition
         deadline = time.monotonic() + _REPAIR_SLICE_SECONDS
@@ -413,9 +422,7 @@ class Service:
         owned = self.owned.get(partition)
         if owned is not None:
             owned.cache = {}
-            tp = TopicPartition(self.settings.input_topic, partition, end)
-            self.consumer.seek(tp)
-            self.consumer.resume([tp])
+            self._serve_from(partition, end)
         log.warning(
             "partition %d repaired: replayed %d input records up to offset %d",
             partition,
@@ -427,8 +434,58 @@ class Service:
         repair = self.repairs.pop(partition, None)
         if repair is not None:
             repair.close()
-            self._paused_for_repair.discard(partition)
         self.metrics.state_repairing.set(len(self.repairs))
+
+    def _check_assigned(self) -> None:
+        """Compare how complete the state of newly assigned partitions is with the group's
+        committed offsets: repair what is behind, serve the others. They are paused meanwhile,
+        and what was consumed of them is consumed again."""
+        if not self.unchecked:
+            return
+        partitions = list(self.unchecked)
+        if not self._hold(partitions):
+            return
+        try:
+            committed = self._committed(partitions)
+        except KafkaException as error:
+            log.info("committed offsets of partitions %s not known yet: %s", partitions, error)
+            return
+        for partition in partitions:
+            complete = self.unchecked.pop(partition)
+            dropped = self._dropped.pop(partition, None)
+            owned = self.owned.get(partition)
+            if owned is None:
+                continue
+            owned.committed = committed[partition]
+            self._plan_repair(partition, complete, committed[partition])
+            if partition in self.repairs:
+                continue
+            if dropped is None:
+                self._resume(partition)
+            else:
+                self._serve_from(partition, dropped)
+
+    def _hold(self, partitions: list[int]) -> bool:
+        """Pause the partitions not paused yet; False if the consumer cannot (yet)."""
+        fresh = [p for p in partitions if p not in self._paused]
+        if fresh:
+            topic = self.settings.input_topic
+            try:
+                self.consumer.pause([TopicPartition(topic, p) for p in fresh])
+            except KafkaException as error:
+                log.info("partitions %s not paused yet: %s", fresh, error)
+                return False
+            self._paused.update(fresh)
+        return True
+
+    def _serve_from(self, partition: int, offset: int) -> None:
+        """Consume a paused partition again, from ``offset``."""
+        self.consumer.seek(TopicPartition(self.settings.input_topic, partition, offset))
+        self._resume(partition)
+
+    def _resume(self, partition: int) -> None:
+        self.consumer.resume([TopicPartition(self.settings.input_topic, partition)])
+        self._paused.discard(partition)
 
     def _abort(self, checkpoint: Checkpoint) -> None:
         """Abort the batch, counting how often the same batch failed in a row."""
@@ -534,20 +591,20 @@ class Service:
             self.consumer.resume(partitions)
         except KafkaException as error:
             log.info("partitions %s not resumed: %s", numbers, error)
-        committed = self._committed(partitions)
         for partition, ownership in taken.items():
-            self.owned[partition] = OwnedPartition(ownership.epoch, committed[partition])
+            self.owned[partition] = OwnedPartition(ownership.epoch)
             self._drop_repair(partition)
-            self._plan_repair(partition, ownership.complete, committed[partition])
+            self.unchecked[partition] = ownership.complete
+            self._dropped.pop(partition, None)
         self.metrics.assigned.set(len(self.owned))
         epochs = {p: o.epoch for p, o in taken.items()}
         log.info("assigned partitions %s (epochs %s)", numbers, epochs)
 
-    def _committed(self, partitions: Iterable[TopicPartition]) -> dict[int, int]:
+    def _committed(self, partitions: Iterable[int]) -> dict[int, int]:
         """The group's committed offset of each partition (-1: none)."""
         topic = self.settings.input_topic
-        wanted = [TopicPartition(topic, tp.partition) for tp in partitions]
-        found = self.consumer.committed(wanted, timeout=self.kafka_timeout)
+        wanted = [TopicPartition(topic, p) for p in partitions]
+        found = self.consumer.committed(wanted, timeout=_COMMITTED_WAIT_SECONDS)
         return {tp.partition: max(tp.offset, -1) for tp in found}
 
     def _on_revoke(self, _: Consumer, partitions: list[TopicPartition]) -> None:
@@ -561,6 +618,9 @@ class Service:
         for partition in numbers:
             self.owned.pop(partition, None)
             self._drop_repair(partition)
+            self.unchecked.pop(partition, None)
+            self._dropped.pop(partition, None)
+            self._paused.discard(partition)
         self.output.forget_partitions(numbers)
         self.metrics.forget_partitions(numbers)
         self.metrics.rebalances.labels(kind=kind).inc()

@@ -159,6 +159,25 @@ class Stack:
         """Restart a killed broker and wait until every partition is fully in sync again."""
         self.devstack("start-broker", str(broker))
 
+    def redis_snapshot(self, path: Path) -> None:
+        """Save Redis's data set now (BGSAVE) to ``path``."""
+        self.devstack("redis-snapshot", str(path))
+
+    def kill_redis(self, signal: str = "KILL") -> None:
+        self.devstack("kill-redis", "--signal", signal)
+
+    def redis_aof_size(self) -> int:
+        """The size of the newest part of Redis's append-only file."""
+        return int(self.devstack("redis-aof-size"))
+
+    def start_redis(self, snapshot: Path | None = None, truncate_aof: int | None = None) -> None:
+        """Restart the killed Redis from what it kept, from an older ``snapshot``, or from
+        its append-only file cut to ``truncate_aof`` bytes (the writes after it lost)."""
+        extra = [] if snapshot is None else ["--from-snapshot", str(snapshot)]
+        if truncate_aof is not None:
+            extra += ["--truncate-aof", str(truncate_aof)]
+        self.devstack("start-redis", *extra)
+
     def leader_of(self, topic: str, partition: int = 0) -> int:
         return self.partitions([topic])[topic][partition]
 

@@ -6,6 +6,9 @@
     ops/devstack install             # first-time installs only (CI runs this first)
     ops/devstack kill-broker 2       # chaos helpers for `up --brokers 3`
     ops/devstack start-broker 2
+    ops/devstack redis-snapshot F    # Redis chaos helpers (one Redis, not a cluster)
+    ops/devstack kill-redis
+    ops/devstack start-redis [--from-snapshot F | --truncate-aof BYTES]
 
 `up` prints the connection settings as KEY=value lines on stdout and nothing else; progress and
 errors go to stderr. See docs/devstack.md for ports, layout and troubleshooting.
@@ -221,6 +224,82 @@ def cmd_start_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def single_redis(stack: Stack) -> Service:
+    if stack.shape.redis_cluster:
+        raise DevstackError("the Redis chaos helpers work on a single Redis, not a cluster")
+    return stack.redis[0]
+
+
+def cmd_redis_snapshot(args: argparse.Namespace) -> int:
+    """BGSAVE, wait for it, and copy the RDB file to the path given."""
+    with needs_clients():
+        from stacklib.client import redis_node
+
+    target = single_redis(existing_stack(args.dir))
+    node = redis_node(target.port, timeout=30.0)
+    before = node.lastsave()
+    node.bgsave()
+    deadline = time.monotonic() + args.timeout
+    while node.lastsave() == before or node.info("persistence")["rdb_bgsave_in_progress"]:
+        if time.monotonic() > deadline:
+            raise DevstackError(f"BGSAVE on {target.name} did not finish in {args.timeout:.0f}s")
+        time.sleep(0.05)
+    shutil.copyfile(target.home / "data" / "dump.rdb", args.file)
+    log(f"{target.name} snapshot in {args.file}")
+    return 0
+
+
+def aof_tail(target: Service) -> Path:
+    """The newest part of the Redis append-only file (the one writes go to)."""
+    folder = target.home / "data" / "appendonlydir"
+    manifest = (folder / "appendonly.aof.manifest").read_text().split("\n")
+    parts = [line.split()[1] for line in manifest if line.endswith("type i")]
+    if not parts:
+        raise DevstackError(f"no incremental append-only file in {folder}")
+    return folder / parts[-1]
+
+
+def cmd_redis_aof_size(args: argparse.Namespace) -> int:
+    print(aof_tail(single_redis(existing_stack(args.dir))).stat().st_size)
+    return 0
+
+
+def cmd_kill_redis(args: argparse.Namespace) -> int:
+    with locked(args.dir / "stack.lock"):
+        target = single_redis(existing_stack(args.dir))
+        stop_services([target], signal.Signals[f"SIG{args.signal}"], STOP_GRACE_SECONDS)
+    return 0
+
+
+def cmd_start_redis(args: argparse.Namespace) -> int:
+    """Start the stopped Redis, from its own data or, with --from-snapshot, from an RDB file
+    alone (as the base of a new append-only file: Redis with AOF on ignores a lone RDB)."""
+    with needs_clients():
+        from stacklib.probes import redis_ready
+
+    with locked(args.dir / "stack.lock"):
+        stack = existing_stack(args.dir)
+        target = single_redis(stack)
+        if running_pid(target) is not None:
+            raise DevstackError(f"{target.name} is running; kill-redis first")
+        if args.from_snapshot is not None:
+            data = target.home / "data"
+            shutil.rmtree(data)
+            aof = data / "appendonlydir"
+            aof.mkdir(parents=True)
+            shutil.copyfile(args.from_snapshot, aof / "appendonly.aof.1.base.rdb")
+            (aof / "appendonly.aof.manifest").write_text(
+                "file appendonly.aof.1.base.rdb seq 1 type b\n"
+            )
+        elif args.truncate_aof is not None:
+            with aof_tail(target).open("r+b") as tail:
+                tail.truncate(args.truncate_aof)
+        check_ports_free([target], args.dir)
+        start_service(target)
+        redis_ready(stack, time.monotonic() + args.timeout)
+    return 0
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -304,6 +383,26 @@ def parser() -> argparse.ArgumentParser:
     start = with_dir("start-broker", "restart one stopped Kafka node and wait until it is in sync")
     start.add_argument("broker", type=int, help="node number, 1-based")
     start.add_argument("--timeout", type=float, default=120.0)
+    snapshot = with_dir("redis-snapshot", "save the Redis data set to an RDB file (BGSAVE)")
+    snapshot.add_argument("file", type=Path, help="where to copy the RDB file")
+    snapshot.add_argument("--timeout", type=float, default=60.0)
+    kill_redis = with_dir("kill-redis", "stop the stack's Redis")
+    kill_redis.add_argument("--signal", choices=["KILL", "TERM"], default="KILL")
+    start_redis = with_dir("start-redis", "restart the stopped Redis")
+    start_redis.add_argument(
+        "--from-snapshot",
+        type=Path,
+        help="start from this RDB file (from redis-snapshot) instead of the data Redis kept",
+    )
+    start_redis.add_argument(
+        "--truncate-aof",
+        type=int,
+        metavar="BYTES",
+        help="cut the newest append-only file to BYTES first: a crash that lost the writes"
+        " after it (see redis-aof-size)",
+    )
+    start_redis.add_argument("--timeout", type=float, default=60.0)
+    with_dir("redis-aof-size", "print the size of the newest append-only file of Redis")
     return root
 
 
@@ -314,6 +413,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "kill-broker": cmd_kill_broker,
     "start-broker": cmd_start_broker,
+    "redis-snapshot": cmd_redis_snapshot,
+    "kill-redis": cmd_kill_redis,
+    "redis-aof-size": cmd_redis_aof_size,
+    "start-redis": cmd_start_redis,
 }
 
 
