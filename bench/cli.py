@@ -4,8 +4,8 @@ Order: stack up, preload the input, then per run the passthrough, ``enricher run
 run`` with the session events topic, ``enricher batch`` and the codec floor (``bench.floor``)
 in turn (interleaved, so that a change in the machine's load hits every mode alike), then one
 latency run per streaming mode at half of its median rate (the lifecycle variant has none),
-then the Redis memory per device. Whatever happens, every process it started is stopped and
-the stack is taken down.
+then the state repair of an emptied Redis, then the Redis memory per device. Whatever happens,
+every process it started is stopped and the stack is taken down.
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
             lab, "enricher", rates["enricher"], more[counts["passthrough"] :]
         ),
     }
+    repair = measure.repair_run(lab)
     memory = measure.memory_run(lab, plan.memory_devices, plan.seed)
     machine["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     return Results(
@@ -194,6 +195,7 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         batch=Batch(batch, summary),
         floor=Batch(floor, f"events={plan.events}"),
         memory=memory,
+        repair=repair,
     )
 
 

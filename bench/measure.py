@@ -3,6 +3,7 @@ Redis memory per device. ``docs/benchmark.md`` explains each method."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -44,9 +45,12 @@ class Lab:
     traffic: generate.Traffic
     broker_pids: list[int]
 
-    def start_streaming(self, mode: str, name: str, source: str, target: str) -> Child:
+    def start_streaming(
+        self, mode: str, name: str, source: str, target: str, process: str = ""
+    ) -> Child:
         """``mode`` (passthrough or enricher) from ``source`` to ``target``; ``name`` is its
-        consumer group, transactional id and Redis key prefix."""
+        consumer group, transactional id and Redis key prefix, and unless ``process`` is
+        given, the name of its process and log."""
         env = {
             **clean_environment(),
             "ENRICHER_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
@@ -64,7 +68,7 @@ class Lab:
         }
         if mode == "sessions":
             env["ENRICHER_SESSION_EVENTS_TOPIC"] = sessions_topic(target)
-        return self.children.start(name, STREAMING_ARGV[mode], env)
+        return self.children.start(process or name, STREAMING_ARGV[mode], env)
 
     def run_batch(
         self, name: str, source: Path, *extra: str, module: str = "enricher batch"
@@ -210,6 +214,53 @@ def floor_run(lab: Lab, source: Path, index: int) -> Window:
         f" second, {window.cpu_per_1k:.3f} CPU s per 1k events"
     )
     return window
+
+
+def repair_run(lab: Lab) -> Window:
+    """The state repair: ``enricher run`` commits the whole input, Redis is emptied, and a new
+    instance of the same group rebuilds every partition's state from offset 0. The window runs
+    from the first partition found behind to the last one repaired (polled in its log)."""
+    name, target = "bench-repair", "bench.repair.out"
+    lab.kafka.create_topics([target])
+    lab.redis.reset()
+    child = lab.start_streaming("enricher", name, INPUT_TOPIC, target, f"{name}-first")
+    try:
+        with lab.kafka.committed_offsets(name, INPUT_TOPIC) as offsets:
+            follow(lab, child, offsets, lab.traffic.events, "repair: the first run")
+    finally:
+        child.stop()
+    lab.redis.reset()
+    say("repair: Redis emptied; a new instance rebuilds the state from the input")
+    child = lab.start_streaming("enricher", name, INPUT_TOPIC, target, f"{name}-second")
+    try:
+        first, last = watch_repairs(lab, child)
+    finally:
+        child.stop()
+    lab.kafka.delete_topics([target])
+    window = between(first, last)
+    say(
+        f"repair: {window.events:,} events replayed at {window.rate:,.0f} events/s,"
+        f" {window.cpu_per_1k:.3f} CPU s per 1k events"
+    )
+    return window
+
+
+def watch_repairs(lab: Lab, child: Child) -> tuple[Sample, Sample]:
+    """Samples when the first partition is found behind and when the last is repaired, each
+    with the events replayed so far."""
+    first: Sample | None = None
+    deadline = time.monotonic() + STALL_SECONDS + lab.traffic.events / 1000
+    while time.monotonic() < deadline:
+        if not child.running:
+            raise child.failure("exited during the repair")
+        log = child.log_path.read_text(errors="replace")
+        if first is None and "redis is behind kafka" in log:
+            first = sample(lab, child, 0)
+        replayed = [int(m) for m in re.findall(r"repaired: replayed (\d+) input records", log)]
+        if first is not None and len(replayed) == PARTITIONS:
+            return first, sample(lab, child, sum(replayed))
+        time.sleep(0.1)
+    raise child.failure("did not repair every partition in time")
 
 
 def memory_run(lab: Lab, devices: int, seed: int) -> Memory:

@@ -153,6 +153,10 @@ def markdown(results: Results) -> str:
         f" ({enricher.devices:,} devices); with the session events topic, which adds the expiries"
         f" sorted set: {sessions.memory_per_device:.0f} B.",
         f"Batch mode: {batch.summary}.",
+        f"State repair (Redis emptied after `enricher run` committed the input; a new instance"
+        f" replays every partition from offset 0): {results.repair.events:,} events at"
+        f" {results.repair.rate:,.0f} events/s ({results.repair.rate / enricher.rate:.2f}x"
+        f" `enricher run`), {results.repair.cpu_per_1k:.3f} CPU s per 1k events.",
         "",
         "## Targets",
         "",
@@ -230,6 +234,12 @@ def as_json(results: Results) -> dict[str, Any]:
                 "ratio_to_codec_floor": results.floor_ratio(),
             },
             "codec_floor": _batch_json(results.floor),
+        },
+        "state_repair": {
+            **dataclasses.asdict(results.repair),
+            "events_per_second": results.repair.rate,
+            "cpu_seconds_per_1k": results.repair.cpu_per_1k,
+            "ratio_to_enricher_exactly_once": results.repair.rate / results.enricher.rate,
         },
         "redis_memory": {
             **dataclasses.asdict(results.memory),

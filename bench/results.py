@@ -222,6 +222,8 @@ class Results:
     floor: Batch
     """the codec floor (``python -m bench.floor``) on the same file as ``batch``"""
     memory: Memory
+    repair: Window
+    """replaying the whole input to rebuild the state of an emptied Redis"""
 
     def ratio(self, rate: float) -> float:
         return rate / self.passthrough.rate

@@ -171,6 +171,13 @@ class Repair:
     def partition(self) -> int:
         return self.plan.partition
 
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(offsets replayed, offsets to replay)."""
+        plan = self.plan
+        done = max(0, self.owned.committed - plan.start) if self.status is not Status.PENDING else 0
+        return min(done, plan.end - plan.start), plan.end - plan.start
+
     def step(self) -> bool:
         """Replay the next chunk; returns whether the repair is done."""
         if self.status is Status.PENDING:

@@ -45,6 +45,7 @@ _REPAIR_SLICE_SECONDS = 0.5
 # How long one pass of the loop waits for the committed offsets of newly assigned partitions
 # (they wait while a transaction that commits offsets is pending).
 _COMMITTED_WAIT_SECONDS = 1.0
+_REPAIR_PROGRESS_SECONDS = 10.0
 
 
 class LayoutChanged(RuntimeError):
@@ -96,6 +97,7 @@ class Service:
         """the first offset consumed of an unchecked partition (consumed, not enriched)"""
         self._paused: set[int] = set()
         self._repair_after = 0.0
+        self._progress_logged_at = 0.0
         self._reader: Consumer | None = None
         self.topics = Topics(
             settings.input_topic,
@@ -398,6 +400,7 @@ class Service:
         try:
             while not repair.step():
                 if time.monotonic() > deadline or self.stopping.is_set():
+                    self._report_progress(repair)
                     return
         except Fenced as error:
             log.warning("repair fenced: %s", error)
@@ -414,6 +417,20 @@ class Service:
             self._repair_after = time.monotonic() + _BACKOFF_MAX / 2
             return
         self._repaired(repair)
+
+    def _report_progress(self, repair: Repair) -> None:
+        now = time.monotonic()
+        if now < self._progress_logged_at + _REPAIR_PROGRESS_SECONDS:
+            return
+        self._progress_logged_at = now
+        done, total = repair.progress
+        log.info(
+            "repairing partition %d: %d of %d offsets replayed (%d records)",
+            repair.partition,
+            done,
+            total,
+            repair.events,
+        )
 
     def _repaired(self, repair: Repair) -> None:
         """Serve the repaired partition again, from its committed offset."""

@@ -108,7 +108,7 @@ def test_readiness_follows_the_assignment(stack: Stack, fleet: Fleet) -> None:
     assert (status, body["partitions"]) == (503, [])
     assert probe(first, "/readyz") == (
         200,
-        {"ready": True, "partitions": [0], "kafka": True, "redis": True},
+        {"ready": True, "partitions": [0], "repairing": [], "kafka": True, "redis": True},
     )
     # The probes need no token; the session API without ENRICHER_SESSION_API_TOKEN is closed.
     assert probe(first, "/v1/devices/d/session")[0] == 403

@@ -231,8 +231,11 @@ def repair(
             chunk_size=chunk,
             replayed=replayed.append,
         )
+        span = needed.end - needed.start
+        assert job.progress == (0, span)
         while not job.step():
-            pass
+            assert 0 < job.progress[0] < span
+        assert job.progress == (span, span)
         assert sum(replayed) == job.events
         done.append(job)
     return done
