@@ -327,7 +327,10 @@ class Service:
             owned = self.owned[partition]
             owned.epoch, owned.cache = ownership.epoch, {}
             self._drop_repair(partition)
-            self._plan_repair(partition, ownership.complete, owned.committed)
+            try:
+                self._plan_repair(partition, ownership.complete, owned.committed)
+            except KafkaException as kafka:  # the next write finds the loss again
+                log.warning("repair of partition %d not planned yet: %s", partition, kafka)
 
     def _plan_repair(self, partition: int, complete: int | None, committed: int) -> None:
         """Start a repair of the partition if its state is behind its committed offset."""
@@ -468,14 +471,17 @@ class Service:
             log.info("committed offsets of partitions %s not known yet: %s", partitions, error)
             return
         for partition in partitions:
-            complete = self.unchecked.pop(partition)
-            dropped = self._dropped.pop(partition, None)
             owned = self.owned.get(partition)
-            if owned is None:
-                continue
-            owned.committed = committed[partition]
-            self._plan_repair(partition, complete, committed[partition])
-            if partition in self.repairs:
+            if owned is not None:
+                try:
+                    self._plan_repair(partition, self.unchecked[partition], committed[partition])
+                except KafkaException as error:
+                    log.info("partition %d not checked yet: %s", partition, error)
+                    continue
+                owned.committed = committed[partition]
+            del self.unchecked[partition]
+            dropped = self._dropped.pop(partition, None)
+            if owned is None or partition in self.repairs:
                 continue
             if dropped is None:
                 self._resume(partition)
