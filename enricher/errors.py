@@ -29,6 +29,9 @@ Reason = Literal[
     "not_producible",
     "future_timestamp",
     "not_encodable",
+    "invalid_thrift",
+    "not_payload_data",
+    "invalid_field_count",
 ]
 
 REASONS: tuple[Reason, ...] = Reason.__args__  # type: ignore[attr-defined]

@@ -466,6 +466,9 @@ def test_every_json_reason_has_a_case() -> None:
         "not_producible",
         "future_timestamp",
         "not_encodable",
+        "invalid_thrift",
+        "not_payload_data",
+        "invalid_field_count",
     }
     assert covered == json_reasons
 
