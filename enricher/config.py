@@ -39,7 +39,10 @@ from enricher.validation import (
 
 ENV_PREFIX = "ENRICHER_"
 KAFKA_PREFIX = "KAFKA_"
-FORMATS = ("json", "avro", "avro-registry")
+FORMATS = ("json", "avro", "avro-registry", "snowplow-enriched")
+SNOWPLOW_FORMATS = ("snowplow-enriched",)
+"""formats whose events only the same format can write back"""
+ENTITY_FIELDS = ("derived_contexts", "contexts")
 DEFAULT_SALT = "session-enricher-default-salt"
 
 
@@ -78,6 +81,8 @@ class Settings:
     storage_mechanism: str = "LOCAL_STORAGE"
     input_format: str = "json"
     output_format: str = "json"
+    entity_field: str = "derived_contexts"
+    """``snowplow-enriched``: the contexts column the entities go into"""
     schema_registry_url: str = field(default="", repr=False)
     batch_size: int = 1000
     batch_timeout_ms: int = 200
@@ -166,6 +171,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "storage_mechanism": choice(*STORAGE_MECHANISMS),
     "input_format": choice(*FORMATS),
     "output_format": choice(*FORMATS),
+    "entity_field": choice(*ENTITY_FIELDS),
     "batch_size": number(int, 1, MAX_BATCH_SIZE, " (librdkafka's limit per consume call)"),
     "batch_timeout_ms": number(int, 1, 60_000, " (1 minute)"),
     "max_message_bytes": number(int, 1, MAX_MESSAGE_BYTES),
@@ -277,6 +283,13 @@ def _check(settings: Settings, require: tuple[str, ...]) -> list[str]:
         )
     if 0 < len(settings.session_api_token) < 16:
         problems.append(f"{ENV_PREFIX}SESSION_API_TOKEN must be at least 16 characters")
+    formats = (settings.input_format, settings.output_format)
+    if any(f in SNOWPLOW_FORMATS for f in formats) and formats[0] != formats[1]:
+        problems.append(
+            f"{ENV_PREFIX}INPUT_FORMAT and {ENV_PREFIX}OUTPUT_FORMAT must both be"
+            f" {'/'.join(SNOWPLOW_FORMATS)} when either is: its events are written back as they"
+            " came, with the session entity added"
+        )
     registry_needed = "avro-registry" in (settings.input_format, settings.output_format)
     if registry_needed and not settings.schema_registry_url:
         problems.append(f"{ENV_PREFIX}SCHEMA_REGISTRY_URL is required for the avro-registry format")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from hypothesis import strategies as st
 
 from enricher.batch import TimeBound
+from enricher.codecs.enriched_tsv import FIELDS as ENRICHED_FIELDS  # pinned by test_enriched_tsv
 from enricher.session import EventFacts, Lifecycle, SessionEngine, SessionState, Step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,6 +169,51 @@ def entity_of(fields: Mapping[str, str], schema: str = CLIENT_SESSION) -> Json |
     found = [entity["data"] for entity in contexts_of(fields) if entity.get("schema") == schema]
     assert len(found) <= 1, f"{len(found)} entities of {schema}"
     return found[0] if found else None
+
+
+# What Snowplow Enrich writes in ``event`` for a tracker-protocol ``e``.
+_ENRICHED_EVENT = {"pv": "page_view", "pp": "page_ping", "se": "struct", "ue": "unstruct"}
+
+
+def enriched_tsv(fields: Mapping[str, str], **enriched: str) -> bytes:
+    """The enriched TSV record Snowplow Enrich writes for a tracker-protocol event (the fields
+    the session rules read, and a few more), with ``enriched`` setting further columns."""
+
+    def tstamp(name: str) -> str:
+        if name not in fields:
+            return ""
+        moment = datetime.fromtimestamp(int(fields[name]) / 1000, UTC)
+        return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{int(fields[name]) % 1000:03d}"
+
+    ue = fields.get("ue_pr") or (b64url_decode(fields["ue_px"]) if "ue_px" in fields else "")
+    co = fields.get("co") or (b64url_decode(fields["cx"]) if "cx" in fields else "")
+    columns = {
+        "app_id": fields.get("aid", ""),
+        "platform": fields.get("p", ""),
+        "collector_tstamp": tstamp("stm"),
+        "dvce_created_tstamp": tstamp("dtm"),
+        "event": _ENRICHED_EVENT.get(fields.get("e", ""), fields.get("e", "")),
+        "event_id": fields.get("eid", ""),
+        "name_tracker": fields.get("tna", ""),
+        "v_tracker": fields.get("tv", ""),
+        "user_id": fields.get("uid", ""),
+        "domain_userid": fields.get("duid", ""),
+        "network_userid": fields.get("nuid", fields.get("tnuid", "")),
+        "contexts": co,
+        "se_category": fields.get("se_ca", ""),
+        "se_action": fields.get("se_ac", ""),
+        "unstruct_event": ue,
+        "page_url": fields.get("url", ""),
+        "dvce_sent_tstamp": tstamp("stm"),
+        "true_tstamp": tstamp("ttm"),
+    }
+    if ue:
+        vendor, name, _, version = json.loads(ue)["data"]["schema"][5:].split("/")
+        columns.update(
+            event_vendor=vendor, event_name=name, event_format="jsonschema", event_version=version
+        )
+    columns.update(enriched)
+    return "\t".join(columns.get(name, "") for name in ENRICHED_FIELDS).encode()
 
 
 def facts(

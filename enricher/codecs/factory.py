@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from enricher.codecs import avro, session_events, tracker
+from enricher.codecs import avro, session_events, snowplow_enriched, tracker
+from enricher.codecs.enriched_tsv import ContextsColumn
 from enricher.codecs.registry import RegistryClient, RegistryCodec
 from enricher.config import Settings
 from enricher.enrich import Enriched
@@ -30,11 +31,23 @@ def _encode_json(enriched: Enriched) -> bytes:
 
 def codecs(settings: Settings) -> Codecs:
     """The decoder for the input format and the encoders for the output format."""
-    decoders: dict[str, Decoder] = {"json": tracker.decode, "avro": avro.decode}
-    encoders: dict[str, Encoder] = {"json": _encode_json, "avro": avro.encode}
+    decoders: dict[str, Decoder] = {
+        "json": tracker.decode,
+        "avro": avro.decode,
+        "snowplow-enriched": snowplow_enriched.decode,
+    }
+    column: ContextsColumn = (
+        "contexts" if settings.entity_field == "contexts" else "derived_contexts"
+    )
+    encoders: dict[str, Encoder] = {
+        "json": _encode_json,
+        "avro": avro.encode,
+        "snowplow-enriched": snowplow_enriched.encoder(column),
+    }
     session_encoders: dict[str, SessionEncoder] = {
         "json": session_events.encode_json,
         "avro": session_events.encode_avro,
+        "snowplow-enriched": session_events.encode_json,
     }
     if "avro-registry" in (settings.input_format, settings.output_format):
         registry = RegistryCodec(RegistryClient(settings.schema_registry_url))

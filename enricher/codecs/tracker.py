@@ -59,10 +59,11 @@ library its recursion limit, which depends on the call stack), so without a limi
 the codec accepted contexts it could not write, and its answer on a deep one depended on
 the stack it ran on. No tracker sends more than a dozen levels."""
 _UNREAD = object()
-_LIFECYCLE_SCHEMAS = {
+LIFECYCLE_SCHEMAS = {
     BACKGROUND_EVENT_SCHEMA: Lifecycle.BACKGROUND,
     FOREGROUND_EVENT_SCHEMA: Lifecycle.FOREGROUND,
 }
+"""The self-describing events that move a device between foreground and background"""
 
 
 class TrackerEvent(NamedTuple):
@@ -177,7 +178,7 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
         if not isinstance(inner, dict) or not isinstance(inner.get("schema"), str):
             raise BadInput("invalid_ue", "self-describing event has no data.schema")
         if fields.get("e") == "ue":
-            lifecycle = _LIFECYCLE_SCHEMAS.get(inner["schema"])
+            lifecycle = LIFECYCLE_SCHEMAS.get(inner["schema"])
 
     # Rule 6's usual case inline: a valid device-created time.
     text = fields.get("dtm")
