@@ -12,11 +12,14 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 from typing import Any
 
 from confluent_kafka import KafkaException
 
+from enricher import rekey
 from enricher.config import ConfigError, Settings
+from enricher.devices import DeviceId, sources_for
 from enricher.enrich import Enricher, EntityOptions
 from enricher.ids import IdDeriver
 from enricher.session import SessionEngine
@@ -87,11 +90,23 @@ def run_service(settings: Settings) -> int:
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     metrics = Metrics()
-    store = partition_store(settings)
+    codecs = factory.codecs(settings)
+    device_id = DeviceId(sources_for(settings.device_id, settings.input_format))
+    hop = settings.input_format == "snowplow-collector" or not device_id.only_key
+    enrich_settings = settings
     try:
-        service = Service(settings, enricher(settings), store, factory.codecs(settings), metrics)
+        if hop:
+            topic = rekey.by_device_topic(settings.group_id)
+            create_by_device_topic(settings, topic)
+            enrich_settings = replace(settings, input_topic=topic)
+        store = partition_store(enrich_settings)
+        service = Service(enrich_settings, enricher(settings), store, codecs, metrics)
+        hopper = rekeyer(settings, codecs, device_id, metrics, service.stopping) if hop else None
     except KafkaException as error:  # settings librdkafka accepts one by one, not together
         print(f"enricher: invalid Kafka settings: {settings.scrub(str(error))}", file=sys.stderr)
+        return 2
+    except ConfigError as error:
+        print(f"enricher: {error}", file=sys.stderr)
         return 2
     http = HttpServer(metrics, service.ready, service.live)
     try:
@@ -129,6 +144,13 @@ def run_service(settings: Settings) -> int:
         os._exit(130)
 
     threading.Thread(target=watch_signals, name="signals", daemon=True).start()
+    failed: list[BaseException] = []
+    hop_thread = None
+    if hopper is not None:
+        hop_thread = threading.Thread(
+            target=_run_hop, args=(hopper, service, failed), name="rekey", daemon=True
+        )
+        hop_thread.start()
     try:
         service.run()
     except KafkaException as error:
@@ -138,7 +160,12 @@ def run_service(settings: Settings) -> int:
         log.error("stopping: %s", error)
         return 2
     finally:
+        service.stop()
+        if hop_thread is not None:
+            hop_thread.join(settings.shutdown_timeout)
         http.stop()
+    if failed:
+        return 1
     log.info("stopped")
     return 0
 
@@ -169,6 +196,85 @@ def migrate_state(settings: Settings, partitions: int) -> int:
         f" {done.moved} devices moved, {done.dropped} uncommitted records dropped"
     )
     return 0
+
+
+def create_by_device_topic(settings: Settings, topic: str) -> None:
+    """The re-keying hop's topic, with the input's partition count (created if missing)."""
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    partitions = input_partitions(settings)
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **settings.kafka})
+    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions)])
+    try:
+        futures[topic].result(timeout=30)
+        log.info("created the re-keying topic %s (%d partitions)", topic, partitions)
+    except KafkaException as error:
+        if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+    existing = admin.list_topics(topic, timeout=15).topics[topic].partitions
+    if len(existing) != partitions:
+        raise ConfigError(
+            [f"the re-keying topic {topic} has {len(existing)} partitions, the input {partitions}"]
+        )
+
+
+def rekeyer(
+    settings: Settings,
+    codecs: Any,
+    device_id: DeviceId,
+    metrics: Any,
+    stopping: threading.Event,
+) -> Any:
+    """The re-keying hop of ``enricher run`` (:mod:`enricher.rekey`)."""
+    from confluent_kafka import Consumer, Producer
+
+    from enricher.output import Output, consumer_config, producer_config
+
+    transactional_id = f"{settings.effective_transactional_id()}-rekey"
+    output = Output(
+        lambda on_delivery: Producer(
+            {
+                **producer_config(settings),
+                "transactional.id": transactional_id,
+                "on_delivery": on_delivery,
+            },
+            logger=logging.getLogger("enricher.kafka"),
+        ),
+        max(10.0, settings.transaction_timeout_ms / 1000),
+    )
+    splits = settings.input_format == "snowplow-collector"
+    return rekey.Rekeyer(
+        Consumer(consumer_config(settings), logger=logging.getLogger("enricher.kafka")),
+        output,
+        rekey.Router(
+            codecs.decode,
+            device_id,
+            splits=splits,
+            max_message_bytes=settings.max_message_bytes,
+        ),
+        input_topic=settings.input_topic,
+        topics={
+            "device": rekey.by_device_topic(settings.group_id),
+            "output": settings.output_topic,
+            "dead_letters": settings.dlq_topic,
+        },
+        batch_size=settings.batch_size,
+        batch_timeout=settings.batch_timeout_ms / 1000,
+        max_message_bytes=settings.max_message_bytes,
+        metrics=metrics,
+        stopping=stopping,
+    )
+
+
+def _run_hop(hopper: Any, service: Any, failed: list[BaseException]) -> None:
+    """The re-keying hop's thread: a failure stops the whole service."""
+    try:
+        hopper.run()
+    except BaseException as error:
+        log.error("the re-keying hop stopped: %s", error)
+        failed.append(error)
+        service.stop()
 
 
 def _overdue(settings: Settings) -> None:

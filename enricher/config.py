@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from enricher import redaction
+from enricher import devices, redaction
 from enricher.session import DEFAULT_TIMEOUT_SECONDS, STORAGE_MECHANISMS, SessionConfig, Timeouts
 from enricher.validation import (
     MAX_BATCH_SIZE,
@@ -39,8 +39,8 @@ from enricher.validation import (
 
 ENV_PREFIX = "ENRICHER_"
 KAFKA_PREFIX = "KAFKA_"
-FORMATS = ("json", "avro", "avro-registry", "snowplow-enriched")
-SNOWPLOW_FORMATS = ("snowplow-enriched",)
+FORMATS = ("json", "avro", "avro-registry", "snowplow-collector", "snowplow-enriched")
+SNOWPLOW_FORMATS = ("snowplow-collector", "snowplow-enriched")
 """formats whose events only the same format can write back"""
 ENTITY_FIELDS = ("derived_contexts", "contexts")
 DEFAULT_SALT = "session-enricher-default-salt"
@@ -82,6 +82,9 @@ class Settings:
     input_format: str = "json"
     output_format: str = "json"
     entity_field: str = "derived_contexts"
+    device_id: str = ""
+    """the device's sources, first non-empty wins (:mod:`enricher.devices`); empty: the
+    input format's default"""
     """``snowplow-enriched``: the contexts column the entities go into"""
     schema_registry_url: str = field(default="", repr=False)
     batch_size: int = 1000
@@ -284,12 +287,25 @@ def _check(settings: Settings, require: tuple[str, ...]) -> list[str]:
     if 0 < len(settings.session_api_token) < 16:
         problems.append(f"{ENV_PREFIX}SESSION_API_TOKEN must be at least 16 characters")
     formats = (settings.input_format, settings.output_format)
-    if any(f in SNOWPLOW_FORMATS for f in formats) and formats[0] != formats[1]:
+    snowplow = [f for f in formats if f in SNOWPLOW_FORMATS]
+    if snowplow and formats[0] != formats[1]:
         problems.append(
-            f"{ENV_PREFIX}INPUT_FORMAT and {ENV_PREFIX}OUTPUT_FORMAT must both be"
-            f" {'/'.join(SNOWPLOW_FORMATS)} when either is: its events are written back as they"
-            " came, with the session entity added"
+            f"{ENV_PREFIX}INPUT_FORMAT and {ENV_PREFIX}OUTPUT_FORMAT must both be {snowplow[0]}"
+            " when either is: its events are written back as they came, with the session"
+            " entity added"
         )
+    if settings.input_format in FORMATS:
+        allowed = devices.allowed_sources(settings.input_format)
+        unknown = [
+            s
+            for s in devices.sources_for(settings.device_id, settings.input_format)
+            if s not in allowed
+        ]
+        if unknown:
+            problems.append(
+                f"{ENV_PREFIX}DEVICE_ID: {', '.join(unknown)} not a source of the"
+                f" {settings.input_format} format (one of {', '.join(allowed)})"
+            )
     registry_needed = "avro-registry" in (settings.input_format, settings.output_format)
     if registry_needed and not settings.schema_registry_url:
         problems.append(f"{ENV_PREFIX}SCHEMA_REGISTRY_URL is required for the avro-registry format")

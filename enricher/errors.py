@@ -32,6 +32,7 @@ Reason = Literal[
     "invalid_thrift",
     "not_payload_data",
     "invalid_field_count",
+    "missing_device_id",
 ]
 
 REASONS: tuple[Reason, ...] = Reason.__args__  # type: ignore[attr-defined]

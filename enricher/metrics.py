@@ -113,6 +113,11 @@ class Metrics:
         self.expired = Counter(
             "enricher_devices_expired", "Device states deleted after the state TTL", registry=r
         )
+        self.rekeyed = Counter(
+            "enricher_rekeyed_events",
+            "Events the re-keying hop moved to the partition of their device",
+            registry=r,
+        )
         self.state_repairs = Counter(
             "enricher_state_repairs",
             "Partitions found with less state in Redis than was committed, by what was found",

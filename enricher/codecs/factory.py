@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from enricher.codecs import avro, session_events, snowplow_enriched, tracker
+from enricher.codecs import (
+    avro,
+    session_events,
+    snowplow_collector,
+    snowplow_enriched,
+    tracker,
+)
 from enricher.codecs.enriched_tsv import ContextsColumn
 from enricher.codecs.registry import RegistryClient, RegistryCodec
 from enricher.config import Settings
@@ -34,6 +40,7 @@ def codecs(settings: Settings) -> Codecs:
     decoders: dict[str, Decoder] = {
         "json": tracker.decode,
         "avro": avro.decode,
+        "snowplow-collector": snowplow_collector.decode,
         "snowplow-enriched": snowplow_enriched.decode,
     }
     column: ContextsColumn = (
@@ -42,11 +49,13 @@ def codecs(settings: Settings) -> Codecs:
     encoders: dict[str, Encoder] = {
         "json": _encode_json,
         "avro": avro.encode,
+        "snowplow-collector": snowplow_collector.encode,
         "snowplow-enriched": snowplow_enriched.encoder(column),
     }
     session_encoders: dict[str, SessionEncoder] = {
         "json": session_events.encode_json,
         "avro": session_events.encode_avro,
+        "snowplow-collector": session_events.encode_json,
         "snowplow-enriched": session_events.encode_json,
     }
     if "avro-registry" in (settings.input_format, settings.output_format):

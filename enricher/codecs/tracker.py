@@ -81,6 +81,9 @@ class TrackerEvent(NamedTuple):
     exact_contexts: bool = True
     """the contexts hold no float and no integer beyond 64 bits: orjson writes them as the
     standard library does"""
+    envelope: Any = None
+    """the record the event came in, for a format that writes the event back into it (a
+    collector payload)"""
 
     @property
     def facts(self) -> EventFacts:

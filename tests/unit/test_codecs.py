@@ -469,6 +469,7 @@ def test_every_json_reason_has_a_case() -> None:
         "invalid_thrift",
         "not_payload_data",
         "invalid_field_count",
+        "missing_device_id",
     }
     assert covered == json_reasons
 
