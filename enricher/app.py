@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
@@ -24,6 +24,11 @@ from enricher.enrich import Enricher, EntityOptions
 from enricher.ids import IdDeriver
 from enricher.session import SessionEngine
 from enricher.store import PartitionStore, connect
+
+if TYPE_CHECKING:
+    from enricher.codecs.factory import Codecs
+    from enricher.metrics import Metrics
+    from enricher.service import Service
 
 log = logging.getLogger("enricher")
 _ALARM_SLACK_SECONDS = 5
@@ -36,6 +41,9 @@ def enricher(settings: Settings) -> Enricher:
             session_context=settings.session_context,
             lifecycle_context=settings.lifecycle_context,
             keep_tracker_entities=settings.keep_tracker_entities,
+            anonymous_apps=frozenset(
+                a.strip() for a in settings.anonymous_apps.split(",") if a.strip()
+            ),
         ),
     )
 
@@ -221,11 +229,11 @@ def create_by_device_topic(settings: Settings, topic: str) -> None:
 
 def rekeyer(
     settings: Settings,
-    codecs: Any,
+    codecs: Codecs,
     device_id: DeviceId,
-    metrics: Any,
+    metrics: Metrics,
     stopping: threading.Event,
-) -> Any:
+) -> rekey.Rekeyer:
     """The re-keying hop of ``enricher run`` (:mod:`enricher.rekey`)."""
     from confluent_kafka import Consumer, Producer
 
@@ -267,7 +275,7 @@ def rekeyer(
     )
 
 
-def _run_hop(hopper: Any, service: Any, failed: list[BaseException]) -> None:
+def _run_hop(hopper: rekey.Rekeyer, service: Service, failed: list[BaseException]) -> None:
     """The re-keying hop's thread: a failure stops the whole service."""
     try:
         hopper.run()

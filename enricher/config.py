@@ -78,6 +78,8 @@ class Settings:
     session_context: bool = True
     lifecycle_context: bool = False
     keep_tracker_entities: bool = False
+    anonymous_apps: str = ""
+    """comma-separated app ids whose events get the anonymous session entity"""
     storage_mechanism: str = "LOCAL_STORAGE"
     input_format: str = "json"
     output_format: str = "json"

@@ -37,6 +37,8 @@ class EntityOptions:
     session_context: bool = True
     lifecycle_context: bool = False
     keep_tracker_entities: bool = False
+    anonymous_apps: frozenset[str] = frozenset()
+    """app ids whose events are tracked anonymously (:attr:`Enriched.anonymous`)"""
 
 
 @dataclass(slots=True)
@@ -50,6 +52,9 @@ class Enriched:
     state: SessionState
     options: EntityOptions
     storage_mechanism: str
+    anonymous: bool = False
+    """the session entity as under the trackers' anonymisation: the event asked for it (a
+    collector request's ``SP-Anonymous`` header) or its app is tracked anonymously"""
     _entities: list[SelfDescribing] | None = field(
         default=None, init=False, repr=False, compare=False
     )
@@ -68,6 +73,7 @@ class Enriched:
             storage_mechanism=self.storage_mechanism,
             session_context=options.session_context,
             lifecycle_context=options.lifecycle_context,
+            anonymous=self.anonymous,
         )
         if options.keep_tracker_entities and event.contexts:
             present = {schema_family(context.get("schema")) for context in event.contexts}
@@ -84,6 +90,7 @@ class Enriched:
             event.contexts_field is None
             and options.session_context
             and not options.lifecycle_context
+            and not self.anonymous
         ):
             prepared = client_session_contexts(self.state, self.storage_mechanism)
             return tracker.with_entities(event, [], unicode=unicode, prepared=prepared)
@@ -127,4 +134,8 @@ class Enricher:
         renew_requests: int = 0,
     ) -> tuple[Step, Enriched]:
         step = self.engine.advance(device_id, state, event, renew_requests)
-        return step, Enriched(event, step.state, self.options, self.storage_mechanism)
+        options = self.options
+        anonymous = event.anonymous or (
+            bool(options.anonymous_apps) and event.app_id in options.anonymous_apps
+        )
+        return step, Enriched(event, step.state, options, self.storage_mechanism, anonymous)

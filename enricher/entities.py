@@ -55,13 +55,21 @@ def iso_millis(time_ms: int) -> str:
     return f"{text}-{moment:%m-%dT%H:%M:%S}.{time_ms % 1000:03d}Z"
 
 
-def client_session_data(state: SessionState, storage_mechanism: str) -> dict[str, Any]:
-    """The ``client_session`` 1-0-2 data for the event that produced ``state``."""
+ANONYMOUS_USER_ID = "00000000-0000-0000-0000-000000000000"
+"""The ``userId`` of an anonymous event's session, as the mobile trackers write it"""
+
+
+def client_session_data(
+    state: SessionState, storage_mechanism: str, *, anonymous: bool = False
+) -> dict[str, Any]:
+    """The ``client_session`` 1-0-2 data for the event that produced ``state``; for an
+    anonymous event, as the trackers write it under anonymisation: the null user id and no
+    previous session id (the session itself is the same)."""
     return {
-        "userId": state.user_id,
+        "userId": ANONYMOUS_USER_ID if anonymous else state.user_id,
         "sessionId": state.session_id,
         "sessionIndex": state.session_index,
-        "previousSessionId": state.previous_session_id,
+        "previousSessionId": None if anonymous else state.previous_session_id,
         "storageMechanism": storage_mechanism,
         "eventIndex": state.event_index,
         "firstEventId": state.first_event_id,
@@ -84,13 +92,13 @@ def session_entities(
     storage_mechanism: str,
     session_context: bool,
     lifecycle_context: bool,
+    anonymous: bool = False,
 ) -> list[SelfDescribing]:
     """The entities the enricher attaches to an event, in attachment order."""
     entities: list[SelfDescribing] = []
     if session_context:
-        entities.append(
-            {"schema": CLIENT_SESSION_SCHEMA, "data": client_session_data(state, storage_mechanism)}
-        )
+        data = client_session_data(state, storage_mechanism, anonymous=anonymous)
+        entities.append({"schema": CLIENT_SESSION_SCHEMA, "data": data})
     if lifecycle_context:
         entities.append(
             {"schema": APPLICATION_LIFECYCLE_SCHEMA, "data": application_lifecycle_data(state)}

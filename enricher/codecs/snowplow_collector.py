@@ -6,7 +6,9 @@ The re-keying hop (:mod:`enricher.rekey`) splits it into one record per event, k
 event's device; this codec reads and writes those: the event, read as the ``json`` format
 reads a tracker-protocol event, and written back into its record (the querystring of a GET,
 the ``payload_data`` body of a POST) with the entity added as the ``json`` format adds it.
-Every other field of the record is written as it came.
+Every other field of the record is written as it came. A request with the ``SP-Anonymous``
+header (sent by the trackers in anonymous mode) gets the session entity as the trackers write
+it then (:func:`enricher.entities.client_session_data`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def decode(data: bytes) -> TrackerEvent:
     if events is None or len(events) != 1:
         count = "no events" if events is None else f"{len(events)} events"
         raise BadInput("not_payload_data", f"a record of one event expected, not {count}")
-    return tracker.from_fields(events[0])._replace(envelope=payload)
+    anonymous = any(h.lower().startswith("sp-anonymous:") for h in payload.headers or ())
+    return tracker.from_fields(events[0])._replace(envelope=payload, anonymous=anonymous)
 
 
 def encode(enriched: Enriched) -> bytes:

@@ -84,6 +84,8 @@ class TrackerEvent(NamedTuple):
     envelope: Any = None
     """the record the event came in, for a format that writes the event back into it (a
     collector payload)"""
+    anonymous: bool = False
+    """the tracker asked for anonymous tracking (a collector request's ``SP-Anonymous``)"""
 
     @property
     def facts(self) -> EventFacts:
