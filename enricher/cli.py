@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -132,9 +132,14 @@ def _generate(args: argparse.Namespace) -> int:
     if args.topic:
         settings = config.load(config_file=args.config, require=("bootstrap_servers",))
         producer_config = app.input_producer_config(settings)
-        remaining = generate.produce(traffic, args.topic, encode, pacer, producer_config)
+        records: Iterable[tuple[str | bytes, bytes]]
+        if args.format == "snowplow-collector":
+            records = generate.collector_requests(traffic)
+        else:
+            records = ((key, encode(event)) for key, event in generate.events(traffic))
+        remaining = generate.produce(records, args.topic, pacer, producer_config)
         if remaining:
-            print(f"enricher: {remaining} events not delivered", file=sys.stderr)
+            print(f"enricher: {remaining} records not delivered", file=sys.stderr)
             return 1
     else:
         with sys.stdout.buffer as out:
@@ -257,7 +262,12 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--foreground-timeout", type=float, default=1800.0, metavar="S")
     gen.add_argument("--background-timeout", type=float, default=1800.0, metavar="S")
     gen.add_argument("--topic", help="produce to this topic (ENRICHER_BOOTSTRAP_SERVERS)")
-    gen.add_argument("--format", choices=("json", "avro"), default="json", help="topic format")
+    gen.add_argument(
+        "--format",
+        choices=("json", "avro", "snowplow-collector"),
+        default="json",
+        help="topic format (snowplow-collector: POST requests of up to 10 events, random keys)",
+    )
     gen.add_argument("--config", type=Path, help="TOML settings file")
     gen.set_defaults(handler=_generate)
 

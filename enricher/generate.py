@@ -15,9 +15,11 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from enricher.entities import (
     BACKGROUND_EVENT_SCHEMA,
@@ -183,22 +185,57 @@ class Pacer:
                 time.sleep(delay)
 
 
+def collector_requests(traffic: Traffic) -> Iterator[tuple[bytes, bytes]]:
+    """The traffic as Snowplow's collector writes it to Kafka: each device's events in POST
+    requests of up to 10 (a request is sent early now and then, as trackers flush on a
+    timer), every event with ``duid`` set to its device, each request a Thrift
+    ``CollectorPayload`` keyed by a random id."""
+    from enricher.codecs import collector
+
+    rng = random.Random(traffic.seed + 1)
+    pending: dict[str, list[dict[str, str]]] = {}
+
+    def request(events: list[dict[str, str]]) -> tuple[bytes, bytes]:
+        body = orjson.dumps({"schema": collector.PAYLOAD_DATA_SCHEMA, "data": events}).decode()
+        payload = collector.CollectorPayload(
+            ip_address=f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+            timestamp=int(events[-1]["stm"]),
+            encoding="UTF-8",
+            collector="ssc-3.2.0-kafka",
+            user_agent="Snowplow/Mobile",
+            path=collector.TP2_PATH,
+            body=body,
+            headers=("Host: collector.example.com", "Content-Type: application/json"),
+            content_type="application/json; charset=UTF-8",
+            hostname="collector.example.com",
+            network_user_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        )
+        key = str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode()
+        return key, collector.encode(payload)
+
+    for device, event in events(traffic):
+        batch = pending.setdefault(device, [])
+        batch.append({**event, "duid": device})
+        if len(batch) == 10 or rng.random() < 0.2:
+            yield request(pending.pop(device))
+    for batch in pending.values():
+        yield request(batch)
+
+
 def produce(
-    traffic: Traffic,
+    records: Iterable[tuple[str | bytes, bytes]],
     topic: str,
-    encode: Callable[[dict[str, str]], bytes],
     pacer: Pacer,
     producer_config: dict[str, Any],
 ) -> int:
-    """Produce the traffic to ``topic``, keyed by device; returns how many events were not
-    delivered."""
+    """Produce ``(key, value)`` records to ``topic``; returns how many were not delivered."""
     from confluent_kafka import Producer
 
     from enricher.output import produce_waiting
 
     producer = Producer(producer_config)
-    for key, event in events(traffic):
+    for key, value in records:
         pacer.wait()
-        produce_waiting(producer, topic, value=encode(event), key=key)
+        produce_waiting(producer, topic, value=value, key=key)
         producer.poll(0)
     return int(producer.flush(60))

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from support import CLIENT_SESSION, START_MS, entity_of, event_id, tracker_event
 
-from enricher import config
+from enricher import config, generate
 from enricher.codecs import collector, snowplow_collector, tracker
 from enricher.codecs.factory import codecs
 from enricher.devices import DeviceId, sources_for
@@ -165,3 +165,21 @@ def test_a_collector_request_in_anonymous_mode_is_an_anonymous_event() -> None:
     written = collector.events(collector.decode(snowplow_collector.encode(enriched)))
     assert written is not None
     assert entity_of(written[0]) == {**(entity_of(written[0]) or {}), "userId": ANONYMOUS_USER_ID}
+
+
+def test_generated_collector_traffic_holds_every_event_once_in_device_order() -> None:
+    traffic = generate.Traffic(events=3000, devices=120, seed=5)
+    sent: dict[str, list[str]] = {}
+    requests = 0
+    for key, value in generate.collector_requests(traffic):
+        events = collector.events(collector.decode(value))
+        assert events is not None and 1 <= len(events) <= 10
+        [device] = {e["duid"] for e in events}
+        sent.setdefault(device, []).extend(e["eid"] for e in events)
+        assert len(key) == 36
+        requests += 1
+    expected: dict[str, list[str]] = {}
+    for device, event in generate.events(traffic):
+        expected.setdefault(device, []).append(event["eid"])
+    assert sent == expected
+    assert len(expected) < requests < 3000
