@@ -24,6 +24,7 @@ import orjson
 from fastavro.read import SchemaResolutionError
 
 from enricher.codecs import avro, tracker
+from enricher.devices import DeviceId
 from enricher.enrich import Enriched, Enricher, check_not_ahead
 from enricher.errors import BadInput
 from enricher.session import SessionState
@@ -125,12 +126,23 @@ class TimeBound:
 
 
 def run(
-    enricher: Enricher, source: Path, target: Path, store: StateStore, bound: TimeBound
+    enricher: Enricher,
+    source: Path,
+    target: Path,
+    store: StateStore,
+    bound: TimeBound,
+    *,
+    device_id: DeviceId | None = None,
 ) -> Summary:
-    """Enrich ``source`` into ``target``; bad records go to ``<target>.errors.jsonl``."""
+    """Enrich ``source`` into ``target``; bad records go to ``<target>.errors.jsonl``. The
+    device is a line's ``key``, or what ``device_id`` finds (as the streaming service's
+    re-keying hop does, with no topic needed: a line's ``key`` may then be missing)."""
     errors_path = target.with_name(target.name + ".errors.jsonl")
+    keyed = device_id is None or device_id.only_key
     with ExitStack() as files:
-        reader = _reader(source, files)
+        reader = _reader(source, files, keyed)
+        if device_id is not None and not keyed:
+            reader = _by_device(reader, device_id)
         errors = files.enter_context(errors_path.open("wb"))
         chunks = _Chunks(enricher, store, _writer(target, files), errors, bound)
         chunk: list[_Item] = []
@@ -262,36 +274,50 @@ def _is_avro(path: Path) -> bool:
     return path.suffix == ".avro"
 
 
-def _reader(path: Path, files: ExitStack) -> Iterator[_Item]:
+def _by_device(items: Iterator[_Item], device_id: DeviceId) -> Iterator[_Item]:
+    """The items with each event's device as its key (or the reason it has none)."""
+    for item in items:
+        if item.event is None:
+            yield item
+            continue
+        try:
+            device = device_id(None if item.key is None else item.key.encode(), item.event)
+        except BadInput as error:
+            yield item._replace(key=None, event=None, error=error)
+        else:
+            yield item._replace(key=device)
+
+
+def _reader(path: Path, files: ExitStack, keyed: bool) -> Iterator[_Item]:
     if _is_avro(path):
         stream = files.enter_context(path.open("rb"))
         try:
             records = fastavro.reader(stream, RAW_FILE_SCHEMA)
         except (ValueError, EOFError, SchemaResolutionError) as error:
             raise UnusableFile(f"{path}: not an Avro file of raw events: {error}") from None
-        return _avro_items(path, records)
-    return _json_items(files.enter_context(path.open("rb")))
+        return _avro_items(path, records, keyed)
+    return _json_items(files.enter_context(path.open("rb")), keyed)
 
 
-def _json_items(lines: IO[bytes]) -> Iterator[_Item]:
+def _json_items(lines: IO[bytes], keyed: bool) -> Iterator[_Item]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             yield _Item(number, None, blank=True)
             continue
         original = line.rstrip(b"\r\n")
         try:
-            key, event = decode_line(original)
+            key, event = decode_line(original, keyed=keyed)
         except BadInput as error:
             yield _Item(number, original, error=error)
         else:
             yield _Item(number, original, key, event)
 
 
-def decode_line(line: bytes) -> tuple[str, tracker.TrackerEvent]:
+def decode_line(line: bytes, *, keyed: bool = True) -> tuple[str | None, tracker.TrackerEvent]:
     """The device id and the event of one ``{"key": ..., "event": {...}}`` line, decoded as the
     service decodes a record's key (UTF-8 text) and value (read as :func:`tracker.load` reads
     it, validated by :func:`tracker.from_fields`): the same input gets the same answer, the
-    same reason, in both modes."""
+    same reason, in both modes. Unless ``keyed``, the key may be missing (None)."""
     undecodable: UnicodeDecodeError | None = None
     try:
         record, unicode = orjson.loads(line), True
@@ -312,16 +338,16 @@ def decode_line(line: bytes) -> tuple[str, tracker.TrackerEvent]:
     if not isinstance(record, dict):
         raise BadInput("not_an_object", 'a line must be {"key": ..., "event": {...}}')
     key = record.get("key")
-    if not isinstance(key, str) or not key:
+    if (keyed or key is not None) and (not isinstance(key, str) or not key):
         raise BadInput("missing_key", "no device id in 'key'")
-    if not unicode and not tracker.is_unicode(key):
+    if key is not None and not unicode and not tracker.is_unicode(key):
         raise BadInput("invalid_key", f"the key is not UTF-8 text: {key[:64]!r}")
     if undecodable is not None:
         raise BadInput("not_json", str(undecodable))
     return key, tracker.from_fields(record.get("event"), unicode=unicode)
 
 
-def _avro_items(path: Path, records: Iterator[Any]) -> Iterator[_Item]:
+def _avro_items(path: Path, records: Iterator[Any], keyed: bool) -> Iterator[_Item]:
     number = 0
     while True:
         try:
@@ -332,7 +358,7 @@ def _avro_items(path: Path, records: Iterator[Any]) -> Iterator[_Item]:
             raise UnusableFile(f"{path}: unreadable after record {number}: {error}") from None
         number += 1
         try:
-            if not record["key"]:
+            if keyed and not record["key"]:
                 raise BadInput("missing_key", "no device id in 'key'")
             yield _Item(
                 number, record, record["key"], tracker.from_fields(record["event"]["payload"])

@@ -69,6 +69,7 @@ def _warn_default_salt(settings: config.Settings) -> None:
 
 def _batch(args: argparse.Namespace) -> int:
     from enricher import batch
+    from enricher.devices import DeviceId, sources_for
 
     settings = config.load(config_file=args.config, overrides=_overrides(args, _SESSION_OVERRIDES))
     if not args.input.is_file():
@@ -90,7 +91,10 @@ def _batch(args: argparse.Namespace) -> int:
         reference_ms = int(time.time() * 1000)
     bound = batch.TimeBound(reference_ms, round(settings.max_event_ahead * 1000))
     try:
-        summary = batch.run(app.enricher(settings), args.input, args.output, store, bound)
+        device_id = DeviceId(sources_for(settings.device_id, settings.input_format))
+        summary = batch.run(
+            app.enricher(settings), args.input, args.output, store, bound, device_id=device_id
+        )
     except batch.UnusableFile as error:
         print(f"enricher: {error}", file=sys.stderr)
         return 2

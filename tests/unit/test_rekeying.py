@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
-from support import CLIENT_SESSION, START_MS, entity_of, event_id, tracker_event
+from support import (
+    CLIENT_SESSION,
+    START_MS,
+    UNBOUNDED,
+    entity_of,
+    event_id,
+    read_jsonl,
+    tracker_event,
+    write_jsonl,
+)
 
-from enricher import config, generate
+from enricher import batch, config, generate
 from enricher.codecs import collector, snowplow_collector, tracker
 from enricher.codecs.factory import codecs
 from enricher.devices import DeviceId, sources_for
@@ -183,3 +193,31 @@ def test_generated_collector_traffic_holds_every_event_once_in_device_order() ->
         expected.setdefault(device, []).append(event["eid"])
     assert sent == expected
     assert len(expected) < requests < 3000
+
+
+def test_file_mode_finds_the_device_as_the_hop_does_with_no_topic(tmp_path: Path) -> None:
+    timeline = [("d-1", 0), ("d-2", 5), ("d-1", 30), ("d-1", 400), ("d-2", 20)]
+    events = [
+        {**tracker_event(event_id(n), START_MS + s * 1000), "duid": device}
+        for n, (device, s) in enumerate(timeline)
+    ]
+    keyless = tmp_path / "keyless.jsonl"
+    lines = [json.dumps({"event": e}) for e in events]
+    lines.append(json.dumps({"event": tracker_event(event_id(99), START_MS)}))  # no duid
+    keyless.write_text("\n".join(lines) + "\n")
+    keyed = tmp_path / "keyed.jsonl"
+    write_jsonl(keyed, [(e["duid"], e) for e in events])
+    enricher = Enricher(ENGINE)
+    by_duid = batch.run(
+        enricher,
+        keyless,
+        tmp_path / "a.jsonl",
+        batch.MemoryStore(),
+        UNBOUNDED,
+        device_id=DeviceId(["duid"]),
+    )
+    by_key = batch.run(enricher, keyed, tmp_path / "b.jsonl", batch.MemoryStore(), UNBOUNDED)
+    assert read_jsonl(tmp_path / "a.jsonl") == read_jsonl(tmp_path / "b.jsonl")
+    assert (by_duid.events, by_key.events) == (5, 5)
+    [error] = read_jsonl(tmp_path / "a.jsonl.errors.jsonl")
+    assert error["reason"] == "missing_device_id"
