@@ -118,6 +118,11 @@ class Metrics:
             "Events the re-keying hop moved to the partition of their device",
             registry=r,
         )
+        self.rekey_consumed = Counter(
+            "enricher_rekey_records_consumed",
+            "Input records the re-keying hop consumed (a collector record holds many events)",
+            registry=r,
+        )
         self.state_repairs = Counter(
             "enricher_state_repairs",
             "Partitions found with less state in Redis than was committed, by what was found",

@@ -181,6 +181,7 @@ class Rekeyer:
             self._delay = min(self._delay * 2, _BACKOFF_MAX)
             return
         self._delay = _BACKOFF_START
+        self.metrics.rekey_consumed.inc(len(batch))
         self.metrics.rekeyed.inc(moved)
         for reason, count in reasons.items():
             self.metrics.dead_lettered.labels(reason=reason).inc(count)
