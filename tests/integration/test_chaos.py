@@ -11,16 +11,20 @@ from __future__ import annotations
 import random
 import re
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from feeding import Feeder, as_messages, produce_input, traffic
+from feeding import Feeder, Input, as_messages, produce_input, traffic
 from instances import Fleet, Instance, wait_for
 from progress import Progress
 from reconcile import reconcile
 from reference import BatchReference, check_output, read_all
+from rekeyed import by_device, check, expected_sessions, json_event, stop, wait_done
 from service_settings import service_env
 from stack import Stack, TopicSet
+
+from enricher.codecs import tracker
 
 pytest_plugins = ["instances"]
 pytestmark = pytest.mark.integration
@@ -229,3 +233,37 @@ def test_paused_zombie_cannot_corrupt_state(stack: Stack, fleet: Fleet, tmp_path
     assert not dead, f"{len(dead)} dead letters, e.g. {dead[:2]}"
     check_output(output, reference.result(), sent)
     reconcile(stack, topics, output)
+
+
+def test_the_rekeying_hop_loses_and_duplicates_nothing_when_instances_are_sigkilled(
+    stack: Stack, fleet: Fleet
+) -> None:
+    """Input keyed at random, the device in each event: both hops under SIGKILL. The
+    reference is the engine on each device's events in the order the hop wrote them."""
+    items = traffic(40_000, 4_000, seed=93)
+    rng = random.Random(93)
+    devices = {event["eid"]: device for device, event in items}
+    messages = [
+        Input(uuid.UUID(int=rng.getrandbits(128)).bytes, tracker.dump({**event, "duid": device}))
+        for device, event in items
+    ]
+    topics = stack.new_topics("rekey-chaos", partitions=6)
+    env = chaos_env(stack, topics, ENRICHER_DEVICE_ID="duid")
+    progress = Progress(stack, env["ENRICHER_GROUP_ID"], topics.input)
+    instances = [fleet.add(f"rekey-chaos-{i}", env).start() for i in range(2)]
+    feeder = Feeder(stack, topics.input, messages, rate=3_000).start()
+    kills = 0
+    while not feeder.done and kills < 8:
+        fleet.check()
+        progress.wait_total(progress.total() + 2_000, DONE_TIMEOUT, fleet)
+        victim = instances[kills % 2]
+        victim.kill()
+        victim.start()
+        kills += 1
+    feeder.join()
+    assert kills >= 3, f"only {kills} kills while the input was consumed"
+    wait_done(stack, env, fleet, len(messages), len(messages))
+    stop(instances)
+
+    expected = expected_sessions(stack, by_device(env), json_event)
+    check(stack.read_committed([topics.output]), expected, json_event, devices)

@@ -2,7 +2,8 @@
 ``client_session`` entity in ``derived_contexts``, exactly once.
 
 The input is generated traffic written as Enrich writes it, keyed by device as Enrich's Kafka
-sink does when told to partition by ``domain_userid``. The reference is ``enricher batch`` on
+sink does when told to partition by ``domain_userid`` (so the device is the key, and no
+re-keying hop runs). The reference is ``enricher batch`` on
 the same events as tracker-protocol JSON (held to Snowplow's tracker by the differential
 test): every event must carry the same session, and every other field must come out as it
 went in."""
@@ -45,6 +46,7 @@ def test_enriched_tsv_gets_the_sessions_of_the_tracker_events_exactly_once(
         topics,
         ENRICHER_INPUT_FORMAT="snowplow-enriched",
         ENRICHER_OUTPUT_FORMAT="snowplow-enriched",
+        ENRICHER_DEVICE_ID="key",  # keyed by device upstream: no re-keying hop
     )
     progress = Progress(stack, env["ENRICHER_GROUP_ID"], topics.input)
     instance = fleet.add("tsv", env).start()

@@ -13,113 +13,28 @@ import json
 import random
 import urllib.parse
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
 
 import pytest
-from feeding import Feeder, Input, produce_input, traffic
-from instances import Fleet, Instance
-from progress import Progress
-from reference import client_session
-from service_settings import BACKGROUND_TIMEOUT, FOREGROUND_TIMEOUT, SALT, service_env
-from stack import Record, Stack, TopicSet
+from feeding import Input, produce_input, traffic
+from instances import Fleet
+from rekeyed import (
+    by_device,
+    check,
+    collector_event,
+    env_for,
+    expected_sessions,
+    json_event,
+    stop,
+    wait_done,
+)
+from stack import Stack
 
 from enricher.codecs import collector, tracker
-from enricher.enrich import Enricher
-from enricher.session import SessionConfig, SessionEngine, SessionState, Timeouts
 
 pytest_plugins = ["instances"]
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 6
-DONE_TIMEOUT = 240.0
-ENGINE = Enricher(
-    SessionEngine(
-        SessionConfig(SALT, Timeouts.from_seconds(FOREGROUND_TIMEOUT, BACKGROUND_TIMEOUT))
-    )
-)
-GROUP_SETTINGS = {
-    "ENRICHER_KAFKA_SESSION_TIMEOUT_MS": "6000",
-    "ENRICHER_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
-    "ENRICHER_KAFKA_MAX_POLL_INTERVAL_MS": "20000",
-}
-
-EventOf = Callable[[bytes], dict[str, str]]
-
-
-def json_event(value: bytes) -> dict[str, str]:
-    event: dict[str, str] = json.loads(value)
-    return event
-
-
-def collector_event(value: bytes) -> dict[str, str]:
-    events = collector.events(collector.decode(value))
-    assert events is not None and len(events) == 1
-    return events[0]
-
-
-def expected_sessions(stack: Stack, topic: str, event_of: EventOf) -> dict[str, Any]:
-    """The reference: each device's events through the engine in by-device order."""
-    states: dict[str, SessionState] = {}
-    expected: dict[str, Any] = {}
-    records = stack.read_committed([topic])
-    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
-        assert record.key is not None and record.value is not None
-        device = record.key.decode()
-        event = tracker.from_fields(event_of(record.value))
-        step, enriched = ENGINE.enrich(device, states.get(device), event)
-        states[device] = step.state
-        expected[event.event_id] = enriched.client_session
-    return expected
-
-
-def check(
-    output: Sequence[Record], expected: dict[str, Any], event_of: EventOf, devices: dict[str, str]
-) -> None:
-    """Every expected event once, with the reference's session, keyed by its device."""
-    seen: dict[str, int] = {}
-    problems = []
-    for record in output:
-        assert record.value is not None
-        event = event_of(record.value)
-        eid = event["eid"]
-        seen[eid] = seen.get(eid, 0) + 1
-        got, want = client_session(event), expected.get(eid)
-        if want is None or got != want["data"]:
-            problems.append(f"{eid}: {got} != {want}")
-        if record.key != devices[eid].encode():
-            problems.append(f"{eid}: key {record.key!r}, device {devices[eid]}")
-    duplicates = {eid: n for eid, n in seen.items() if n > 1}
-    missing = set(expected) - set(seen)
-    assert not duplicates and not missing, f"{len(duplicates)} duplicated, {len(missing)} missing"
-    assert not problems, f"{len(problems)} events differ, e.g. {problems[:3]}"
-
-
-def env_for(stack: Stack, topics: TopicSet, **extra: str) -> dict[str, str]:
-    return service_env(stack, topics, **GROUP_SETTINGS, **extra)
-
-
-def by_device(env: dict[str, str]) -> str:
-    return f"{env['ENRICHER_GROUP_ID']}-by-device"
-
-
-def wait_done(stack: Stack, env: dict[str, str], fleet: Fleet, records: int, enriched: int) -> None:
-    """Until both hops are through: the input committed up to its end (``records``), and
-    ``enriched`` events committed to the output (the by-device topic is written in
-    transactions, so its end holds commit markers no consumer commits past)."""
-    group = env["ENRICHER_GROUP_ID"]
-    Progress(stack, group, env["ENRICHER_INPUT_TOPIC"]).wait_done(
-        DONE_TIMEOUT, fleet, expected=records
-    )
-    stack.consume(
-        [env["ENRICHER_OUTPUT_TOPIC"]], lambda output: len(output) >= enriched, timeout=DONE_TIMEOUT
-    )
-
-
-def stop(instances: list[Instance]) -> None:
-    for instance in instances:
-        if instance.running:
-            assert instance.stop() == 0, instance.tail()
 
 
 def test_json_events_keyed_at_random_are_enriched_by_their_duid(stack: Stack, fleet: Fleet) -> None:
@@ -204,6 +119,7 @@ def test_collector_records_are_split_per_event_and_enriched_by_device(
     wait_done(stack, env, fleet, len(records) + 2, len(items) + 1)
     instance.wait_counted(len(items))
     assert instance.metric("enricher_rekeyed_events_total") == len(items)
+    assert instance.metric("enricher_rekey_records_consumed_total") == len(records) + 2
     stop([instance])
 
     dead = stack.read_committed([topics.dlq])
@@ -215,35 +131,3 @@ def test_collector_records_are_split_per_event_and_enriched_by_device(
     assert len(enriched) == len(items) > len(records)
     expected = expected_sessions(stack, by_device(env), collector_event)
     check(enriched, expected, collector_event, devices)
-
-
-def test_the_hop_loses_and_duplicates_nothing_when_instances_are_sigkilled(
-    stack: Stack, fleet: Fleet
-) -> None:
-    items = traffic(40_000, 4_000, seed=93)
-    rng = random.Random(93)
-    devices = {event["eid"]: device for device, event in items}
-    messages = [
-        Input(uuid.UUID(int=rng.getrandbits(128)).bytes, tracker.dump({**event, "duid": device}))
-        for device, event in items
-    ]
-    topics = stack.new_topics("rekey-chaos", partitions=PARTITIONS)
-    env = env_for(stack, topics, ENRICHER_DEVICE_ID="duid")
-    progress = Progress(stack, env["ENRICHER_GROUP_ID"], topics.input)
-    instances = [fleet.add(f"rekey-chaos-{i}", env).start() for i in range(2)]
-    feeder = Feeder(stack, topics.input, messages, rate=3_000).start()
-    kills = 0
-    while not feeder.done and kills < 8:
-        fleet.check()
-        progress.wait_total(progress.total() + 2_000, DONE_TIMEOUT, fleet)
-        victim = instances[kills % 2]
-        victim.kill()
-        victim.start()
-        kills += 1
-    feeder.join()
-    assert kills >= 3, f"only {kills} kills while the input was consumed"
-    wait_done(stack, env, fleet, len(messages), len(messages))
-    stop(instances)
-
-    expected = expected_sessions(stack, by_device(env), json_event)
-    check(stack.read_committed([topics.output]), expected, json_event, devices)
