@@ -1,8 +1,9 @@
 """``python -m bench``: the whole benchmark, from ``ops/devstack up`` to the results files.
 
-Order: stack up, preload the input, then per run the passthrough, ``enricher run``, ``enricher
-run`` with the session events topic, ``enricher batch`` and the codec floor (``bench.floor``)
-in turn (interleaved, so that a change in the machine's load hits every mode alike), then one
+Order: stack up, preload the inputs, then per run the passthrough, ``enricher run``, ``enricher
+run`` with the session events topic, on the collector's records and on JSON keyed at random
+(both through the re-keying hop), ``enricher batch`` and the codec floor (``bench.floor``) in
+turn (interleaved, so that a change in the machine's load hits every mode alike), then one
 latency run per streaming mode at half of its median rate (the lifecycle variant has none),
 then the state repair of an emptied Redis, then the Redis memory per device. Whatever happens,
 every process it started is stopped and the stack is taken down.
@@ -28,7 +29,7 @@ from bench import measure, report, stack, workload
 from bench.children import Children
 from bench.common import REPO, BenchError, say
 from bench.machine import describe
-from bench.results import Batch, Results, Streaming, StreamRun, Throughput, Window
+from bench.results import Batch, Hop, Order, Results, Streaming, StreamRun, Throughput, Window
 from enricher import generate
 from enricher.config import Settings
 
@@ -144,13 +145,16 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         traffic,
         stack.broker_pids(STATE_DIR),
     )
-    kafka.create_topics([measure.INPUT_TOPIC, measure.DLQ_TOPIC])
+    kafka.create_topics([*measure.INPUTS.topics(), measure.DLQ_TOPIC])
     source = work / "events.jsonl"
-    preloaded = workload.preload(kafka, measure.INPUT_TOPIC, traffic, source)
+    preloaded = workload.preload(kafka, measure.INPUTS, traffic, source)
 
     passthrough: list[StreamRun] = []
     enricher: list[StreamRun] = []
     sessions: list[StreamRun] = []
+    collector: list[StreamRun] = []
+    hop: list[StreamRun] = []
+    orders: list[Order] = []
     batch: list[Window] = []
     floor: list[Window] = []
     summary = ""
@@ -158,6 +162,10 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         passthrough.append(measure.throughput_run(lab, "passthrough", index))
         enricher.append(measure.throughput_run(lab, "enricher", index))
         sessions.append(measure.throughput_run(lab, "sessions", index))
+        collector.append(measure.throughput_run(lab, "collector", index))
+        run, order = measure.hop_run(lab, index)
+        hop.append(run)
+        orders.append(order)
         window, summary = measure.batch_run(lab, source, index)
         batch.append(window)
         floor.append(measure.floor_run(lab, source, index))
@@ -192,6 +200,9 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         ),
         enricher=Streaming(enricher, plan.events, preloaded.devices, latencies["enricher"]),
         sessions=Throughput(sessions, plan.events, preloaded.devices),
+        collector=Throughput(collector, plan.events, preloaded.devices),
+        collector_requests=preloaded.requests,
+        hop=Hop(hop, plan.events, preloaded.devices, orders),
         batch=Batch(batch, summary),
         floor=Batch(floor, f"events={plan.events}"),
         memory=memory,

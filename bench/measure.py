@@ -4,20 +4,35 @@ Redis memory per device. ``docs/benchmark.md`` explains each method."""
 from __future__ import annotations
 
 import re
+import statistics
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+import orjson
 
 from bench import workload
 from bench.children import Child, Children, cpu_seconds
 from bench.common import BenchError, clean_environment, say
-from bench.results import Latency, Memory, RedisUse, StreamRun, Window, milliseconds
+from bench.results import (
+    Latency,
+    Memory,
+    Order,
+    RedisUse,
+    StreamRun,
+    Window,
+    duration,
+    milliseconds,
+)
 from bench.stack import PARTITIONS, CommittedOffsets, Kafka, Redis
-from enricher import generate
+from enricher import generate, rekey
 
 INPUT_TOPIC = "bench.input"
+INPUTS = workload.Inputs(INPUT_TOPIC, "bench.input.random-keys", "bench.input.collector")
 DLQ_TOPIC = "bench.dlq"
 SALT = "bench-salt"
 POLL_SECONDS = 0.5
@@ -29,8 +44,25 @@ STREAMING_ARGV = {
     "passthrough": [sys.executable, "-m", "bench.passthrough"],
     "enricher": [sys.executable, "-m", "enricher", "run"],
     "sessions": [sys.executable, "-m", "enricher", "run"],
+    "collector": [sys.executable, "-m", "enricher", "run"],
+    "hop": [sys.executable, "-m", "enricher", "run"],
 }
-"""``sessions``: ``enricher run`` publishing the session events topic too"""
+"""``sessions``: ``enricher run`` publishing the session events topic too; ``collector``: on
+the collector's records, in and out; ``hop``: on the JSON keyed at random, the device in
+``duid``. The last two move every event to its device's partition first (the re-keying hop)."""
+REKEYED = {
+    "collector": {
+        "ENRICHER_INPUT_FORMAT": "snowplow-collector",
+        "ENRICHER_OUTPUT_FORMAT": "snowplow-collector",
+    },
+    "hop": {"ENRICHER_DEVICE_ID": "duid"},
+}
+"""the settings of the modes behind the re-keying hop"""
+MODE_INPUTS = {"collector": INPUTS.collector, "hop": INPUTS.random_keys}
+"""the input of the modes that do not read :data:`INPUT_TOPIC`"""
+METRICS_TIMEOUT_SECONDS = 2.0
+HTTP_LOG_LINE = re.compile(r"http on (\S+):(\d+) \(/metrics")
+PRODUCED_METRIC = re.compile(r"^enricher_records_produced_total (\S+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -48,8 +80,8 @@ class Lab:
     def start_streaming(
         self, mode: str, name: str, source: str, target: str, process: str = ""
     ) -> Child:
-        """``mode`` (passthrough or enricher) from ``source`` to ``target``; ``name`` is its
-        consumer group, transactional id and Redis key prefix, and unless ``process`` is
+        """``mode`` (a key of :data:`STREAMING_ARGV`) from ``source`` to ``target``; ``name`` is
+        its consumer group, transactional id and Redis key prefix, and unless ``process`` is
         given, the name of its process and log."""
         env = {
             **clean_environment(),
@@ -65,6 +97,7 @@ class Lab:
             "ENRICHER_METRICS_HOST": "127.0.0.1",
             "ENRICHER_METRICS_PORT": "0",
             "ENRICHER_SHUTDOWN_TIMEOUT": "10",
+            **REKEYED.get(mode, {}),
         }
         if mode == "sessions":
             env["ENRICHER_SESSION_EVENTS_TOPIC"] = sessions_topic(target)
@@ -124,26 +157,67 @@ def sessions_topic(target: str) -> str:
     return f"{target}.sessions"
 
 
+def run_topics(mode: str, index: int) -> tuple[str, list[str]]:
+    """The name (group, transactional id, Redis key prefix) of a throughput run of ``mode``,
+    and the topics it writes: its output, and its session events topic or its re-keying
+    topic where it has one."""
+    name, target = f"bench-{mode}-{index}", f"bench.{mode}-{index}.out"
+    if mode == "sessions":
+        return name, [target, sessions_topic(target)]
+    if mode in REKEYED:
+        return name, [target, rekey.by_device_topic(name)]
+    return name, [target]
+
+
 def throughput_run(lab: Lab, mode: str, index: int) -> StreamRun:
-    """``mode`` consumes the preloaded input with a new group into a new output topic, with
+    """``mode`` consumes its preloaded input with a new group into a new output topic, with
     a freshly emptied Redis; the window runs from the first commit seen to the last."""
-    name = f"bench-{mode}-{index}"
-    target = f"bench.{mode}-{index}.out"
-    topics = [target, sessions_topic(target)] if mode == "sessions" else [target]
+    run = streaming_run(lab, mode, index)
+    lab.kafka.delete_topics(run_topics(mode, index)[1])
+    return run
+
+
+def hop_run(lab: Lab, index: int) -> tuple[StreamRun, Order]:
+    """A throughput run of the re-keying hop on JSON; then its topic read back for the order
+    in which each device's events reached the enrichment."""
+    run = streaming_run(lab, "hop", index)
+    name, topics = run_topics("hop", index)
+    order = device_order(lab.kafka, rekey.by_device_topic(name))
+    lab.kafka.delete_topics(topics)
+    say(
+        f"hop run {index}: {order.behind:,} of {order.events:,} events ({order.share:.2%}) of"
+        f" {order.devices:,} devices reached the enrichment behind their device's clock, by"
+        f" {duration(order.median_behind_ms)} (median), up to {duration(order.max_behind_ms)}"
+    )
+    return run, order
+
+
+def streaming_run(lab: Lab, mode: str, index: int) -> StreamRun:
+    """A throughput run, its topics left in place. A mode that reads :data:`INPUT_TOPIC` is
+    followed by its committed input offsets (one event per record), from the first commit
+    seen; a mode behind the re-keying hop by the events it committed to its output, from the
+    hop's first commit (:class:`Rekeyed`)."""
+    name, topics = run_topics(mode, index)
     lab.kafka.create_topics(topics)
     lab.redis.reset()
     memory_before = lab.redis.used_memory()
-    child = lab.start_streaming(mode, name, INPUT_TOPIC, target)
+    label = f"{mode} run {index}"
+    source = MODE_INPUTS.get(mode, INPUT_TOPIC)
+    child = lab.start_streaming(mode, name, source, topics[0])
     try:
-        with lab.kafka.committed_offsets(name, INPUT_TOPIC) as offsets:
-            samples = follow(lab, child, offsets, lab.traffic.events, f"{mode} run {index}")
+        with lab.kafka.committed_offsets(name, source) as offsets:
+            if mode in REKEYED:
+                rekeyed = Rekeyed(offsets, Produced(child))
+                samples = follow(lab, child, rekeyed, lab.traffic.events, label)
+            else:
+                samples = follow(lab, child, offsets, lab.traffic.events, label)
+                samples = [s for s in samples if s.events > 0]
     finally:
         child.stop()
     redis = redis_use(lab.redis, memory_before)
-    lab.kafka.delete_topics(topics)
-    window = measured_window(samples, f"{mode} run {index}")
+    window = measured_window(samples, label)
     say(
-        f"{mode} run {index}: {window.rate:,.0f} events/s,"
+        f"{label}: {window.rate:,.0f} events/s,"
         f" {window.cpu_per_1k:.3f} CPU s per 1k events"
         f" ({window.stack_cpu_per_1k:.3f} with the broker and Redis,"
         f" {window.cores_busy:.2f} cores busy),"
@@ -157,11 +231,102 @@ def redis_use(redis: Redis, memory_before: int) -> RedisUse:
     return RedisUse(calls=redis.command_calls(), memory_bytes=redis.used_memory() - memory_before)
 
 
-def follow(
-    lab: Lab, child: Child, offsets: CommittedOffsets, total: int, label: str
-) -> list[Sample]:
-    """Sample the committed offsets and the CPU time of the process, the broker and Redis
-    every :data:`POLL_SECONDS` until ``total`` input events are committed."""
+class Progress(Protocol):
+    """How many events a process has done so far."""
+
+    @property
+    def last_error(self) -> str:
+        """Why the count could not be read, the last time it could not."""
+
+    def total(self) -> int | None:
+        """The count now, or None when it cannot be read right now."""
+
+
+class Produced:
+    """The events ``enricher run`` has committed to its output: its own
+    ``enricher_records_produced_total``, counted after each transaction commits, read from its
+    ``/metrics`` at the address it logged."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.url = ""
+        self.last_error = ""
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def total(self) -> int | None:
+        """The count, or None before the process serves its metrics."""
+        if not self.url:
+            found = HTTP_LOG_LINE.search(self.child.log_path.read_text(errors="replace"))
+            if found is None:
+                return None
+            self.url = f"http://{found[1]}:{found[2]}/metrics"
+        try:
+            with self.opener.open(self.url, timeout=METRICS_TIMEOUT_SECONDS) as response:
+                text = response.read().decode()
+        except OSError as error:
+            self.last_error = str(error)
+            return None
+        value = PRODUCED_METRIC.search(text)
+        if value is None:
+            self.last_error = f"no enricher_records_produced_total in {self.url}"
+            return None
+        return int(float(value[1]))
+
+
+class Rekeyed:
+    """The events a mode behind the re-keying hop has committed to its output, from the
+    hop's first commit on (None before it), so that a window from the first count to the
+    last takes in the hop's work from its start: the hop alone may be through much of the
+    input before the first enriched batch commits. Output events, not input records: a
+    collector record carries several events, and the hop's own topic, written in
+    transactions, holds commit markers between its records."""
+
+    def __init__(self, hopped: CommittedOffsets, produced: Produced) -> None:
+        self.hopped = hopped
+        self.produced = produced
+        self.started = False
+
+    @property
+    def last_error(self) -> str:
+        return self.produced.last_error or self.hopped.last_error
+
+    def total(self) -> int | None:
+        if not self.started:
+            self.started = bool(self.hopped.total())
+            if not self.started:
+                return None
+        return self.produced.total()
+
+
+def device_order(kafka: Kafka, topic: str) -> Order:
+    """Read the re-keying topic back: the events whose device time (``dtm``) is earlier than
+    the latest one of the same device before it in its partition."""
+    latest: dict[tuple[int, bytes], int] = {}
+    late_devices: set[tuple[int, bytes]] = set()
+    gaps: list[int] = []
+    events = 0
+    for partition, key, value in kafka.read_all(topic):
+        device = (partition, key)
+        dtm = int(orjson.loads(value)["dtm"])
+        events += 1
+        before = latest.get(device, dtm)
+        if dtm < before:
+            gaps.append(before - dtm)
+            late_devices.add(device)
+        else:
+            latest[device] = dtm
+    return Order(
+        events,
+        len(gaps),
+        len(late_devices),
+        statistics.median_low(gaps) if gaps else 0,
+        max(gaps, default=0),
+    )
+
+
+def follow(lab: Lab, child: Child, progress: Progress, total: int, label: str) -> list[Sample]:
+    """Sample ``progress`` and the CPU time of the process, the broker and Redis every
+    :data:`POLL_SECONDS` until ``total`` events are done."""
     samples: list[Sample] = []
     last_change = time.monotonic()
     next_report = last_change + REPORT_SECONDS
@@ -169,16 +334,17 @@ def follow(
     while True:
         if not child.running:
             raise child.failure(f"exited during {label}")
-        committed = offsets.total()
+        done = progress.total()
         now = time.monotonic()
-        if committed is not None:
-            samples.append(sample(lab, child, committed))
-            if committed >= total:
+        if done is not None:
+            samples.append(sample(lab, child, done))
+            if done >= total:
                 return samples
-            if len(samples) > 1 and committed != samples[-2].events:
+            if len(samples) > 1 and done != samples[-2].events:
                 last_change = now
         if now - last_change > STALL_SECONDS:
-            seen = f" (last error reading them: {offsets.last_error})" if offsets.last_error else ""
+            why = progress.last_error
+            seen = f" (last error reading the count: {why})" if why else ""
             raise child.failure(f"committed nothing for {STALL_SECONDS:.0f}s in {label}{seen}")
         if now >= next_report and samples:
             say(f"  {label}: {samples[-1].events:,} of {total:,} events committed")
@@ -188,7 +354,8 @@ def follow(
 
 
 def measured_window(samples: list[Sample], label: str) -> Window:
-    first = next(s for s in samples if s.events > 0)
+    """From the first of ``samples`` to the last."""
+    first = samples[0]
     if samples[-1].at <= first.at:
         raise BenchError(
             f"{label} committed everything within one {POLL_SECONDS}s sample: too few events"
@@ -223,10 +390,13 @@ def repair_run(lab: Lab) -> Window:
     name, target = "bench-repair", "bench.repair.out"
     lab.kafka.create_topics([target])
     lab.redis.reset()
+    # The input holds the latency runs' events too: committing all of it leaves every
+    # partition behind once Redis is emptied, which is what the second instance waits for.
+    backlog = sum(lab.kafka.high_watermarks(INPUT_TOPIC))
     child = lab.start_streaming("enricher", name, INPUT_TOPIC, target, f"{name}-first")
     try:
         with lab.kafka.committed_offsets(name, INPUT_TOPIC) as offsets:
-            follow(lab, child, offsets, lab.traffic.events, "repair: the first run")
+            follow(lab, child, offsets, backlog, "repair: the first run")
     finally:
         child.stop()
     lab.redis.reset()

@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import say
-from bench.results import Batch, Latency, Results, Streaming, Throughput, milliseconds
+from bench.results import (
+    Batch,
+    Hop,
+    Latency,
+    Results,
+    Streaming,
+    Throughput,
+    duration,
+    milliseconds,
+)
 
 UNSUPPORTED = "not supported"
 
@@ -30,10 +39,39 @@ def _runs(rates: list[float]) -> str:
     return " / ".join(_rate(r) for r in rates)
 
 
+def _throughput_row(mode: str, results: Results, measured: Throughput) -> list[str]:
+    """A row of a streaming mode measured for throughput only."""
+    return [
+        mode,
+        _rate(measured.rate),
+        f"{results.ratio(measured.rate):.2f}",
+        "not measured",
+        "not measured",
+        "",
+        f"{measured.cpu_per_1k:.3f}",
+        f"{measured.commands_per_event:.4f} / not measured",
+    ]
+
+
+def _order(hop: Hop) -> str:
+    """The re-keying hop's order, in a sentence."""
+    order = hop.order
+    runs = " / ".join(f"{o.behind:,} ({o.share:.2%})" for o in hop.orders)
+    return (
+        "Order after the re-keying hop (JSON keyed at random, its `<group>-by-device` topic"
+        f" read back): {order.behind:,} of {order.events:,} events ({order.share:.2%}), of"
+        f" {order.devices:,} devices, reached the enrichment behind their device's clock (a"
+        " `dtm` earlier than one of the same device before it in its partition), by"
+        f" {duration(order.median_behind_ms)} (median), up to {duration(order.max_behind_ms)};"
+        f" runs: {runs}. Keyed by device, the input has none."
+    )
+
+
 def markdown(results: Results) -> str:
     plan, machine = results.plan, results.machine
     passthrough, enricher, batch = results.passthrough, results.enricher, results.batch
     sessions, floor = results.sessions, results.floor
+    collector, hop = results.collector, results.hop
     rows = [
         [
             "passthrough: decode, encode, produce, transactions; no state",
@@ -51,16 +89,19 @@ def markdown(results: Results) -> str:
             f"{enricher.cpu_per_1k:.3f}",
             f"{enricher.commands_per_event:.4f} / {enricher.latency.commands_per_event:.4f}",
         ],
-        [
-            "enricher, exactly-once, with the session events topic",
-            _rate(sessions.rate),
-            f"{results.ratio(sessions.rate):.2f}",
-            "not measured",
-            "not measured",
-            "",
-            f"{sessions.cpu_per_1k:.3f}",
-            f"{sessions.commands_per_event:.4f} / not measured",
-        ],
+        _throughput_row("enricher, exactly-once, with the session events topic", results, sessions),
+        _throughput_row(
+            "enricher, exactly-once, collector format: Thrift POSTs of 10 events keyed at random,"
+            " re-keyed by device",
+            results,
+            collector,
+        ),
+        _throughput_row(
+            "enricher, exactly-once, re-keying hop: JSON keyed at random"
+            " (`ENRICHER_DEVICE_ID=duid`)",
+            results,
+            hop,
+        ),
         ["enricher, at-least-once", UNSUPPORTED, *[""] * 6],
         [
             "codec floor: orjson decode, one entity into `co`, encode; no rules (batch's ceiling)",
@@ -124,6 +165,8 @@ def markdown(results: Results) -> str:
         f"Runs, events/s: passthrough {_runs([r.window.rate for r in passthrough.runs])};"
         f" enricher {_runs([r.window.rate for r in enricher.runs])};"
         f" with the session events topic {_runs([r.window.rate for r in sessions.runs])};"
+        f" collector format {_runs([r.window.rate for r in collector.runs])};"
+        f" re-keying hop {_runs([r.window.rate for r in hop.runs])};"
         f" batch {_runs([w.rate for w in batch.runs])};"
         f" codec floor {_runs([w.rate for w in floor.runs])}.",
         "x ceiling: the streaming modes' events/s against the passthrough's; batch mode's"
@@ -133,6 +176,15 @@ def markdown(results: Results) -> str:
         f" same machine: passthrough {passthrough.stack_cpu_per_1k:.3f},"
         f" enricher {enricher.stack_cpu_per_1k:.3f}, keeping {passthrough.cores_busy:.2f} and"
         f" {enricher.cores_busy:.2f} of the {machine['nproc']} cores busy.",
+        "The two modes behind the re-keying hop (collector format, re-keying hop) count the"
+        " events committed to the output (the process's `enricher_records_produced_total`),"
+        " from the hop's first commit, not input records: the collector's input holds"
+        f" {results.collector_requests:,} requests"
+        f" ({collector.events / results.collector_requests:.1f} events each). With the broker"
+        f" and Redis: {collector.stack_cpu_per_1k:.3f} and {hop.stack_cpu_per_1k:.3f} CPU s"
+        f" per 1k events, keeping {collector.cores_busy:.2f} and {hop.cores_busy:.2f} cores"
+        " busy.",
+        _order(hop),
         "Redis commands / event count what INFO commandstats counts, the HGET and HSET that"
         " the fenced-write script runs included; sent by the service itself (EVAL, HMGET,"
         f" HINCRBY): {enricher.sent_per_event:.4f} from the backlog, where a batch mostly"
@@ -227,6 +279,19 @@ def as_json(results: Results) -> dict[str, Any]:
                 **_throughput_json(results.sessions),
                 "ratio_to_passthrough": results.ratio(results.sessions.rate),
             },
+            "enricher_exactly_once_collector_format": {
+                **_throughput_json(results.collector),
+                "ratio_to_passthrough": results.ratio(results.collector.rate),
+                "input_records": results.collector_requests,
+            },
+            "enricher_exactly_once_rekeying_hop_json": {
+                **_throughput_json(results.hop),
+                "ratio_to_passthrough": results.ratio(results.hop.rate),
+                "order": [
+                    {**dataclasses.asdict(order), "share": order.share}
+                    for order in results.hop.orders
+                ],
+            },
             "enricher_at_least_once": UNSUPPORTED,
             "batch": {
                 **_batch_json(results.batch),
@@ -279,7 +344,7 @@ def chart(results: Results, path: Path) -> bool:
     except ImportError:
         say(f"matplotlib is not installed (pip install matplotlib): no {path.name}")
         return False
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=(3, 2))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(15, 5.2), width_ratios=(4, 2))
     _throughput(left, results)
     _latency(right, results)
     plan, machine = results.plan, results.machine
@@ -298,26 +363,26 @@ def chart(results: Results, path: Path) -> bool:
 
 def _throughput(axes: Any, results: Results) -> None:
     passthrough, enricher, batch = results.passthrough, results.enricher, results.batch
-    sessions = results.sessions
+    streaming = [passthrough, enricher, results.sessions, results.collector, results.hop]
     names = [
         "passthrough",
         "enricher\nexactly-once",
-        "enricher +\nsession events topic",
+        "enricher +\nsession\nevents topic",
+        "collector\nformat\n(re-keyed)",
+        "re-keying\nhop (JSON)",
         "batch mode\n(one core)",
         "codec floor\n(one core)",
     ]
     floor = results.floor
-    medians = [passthrough.rate, enricher.rate, sessions.rate, batch.rate, floor.rate]
+    medians = [*(mode.rate for mode in streaming), batch.rate, floor.rate]
     runs = [
-        [r.window.rate for r in passthrough.runs],
-        [r.window.rate for r in enricher.runs],
-        [r.window.rate for r in sessions.runs],
+        *([r.window.rate for r in mode.runs] for mode in streaming),
         [w.rate for w in batch.runs],
         [w.rate for w in floor.runs],
     ]
-    colors = ["#9e9e9e", "#1f77b4", "#6baed6", "#2ca02c", "#bdbdbd"]
+    colors = ["#9e9e9e", "#1f77b4", "#6baed6", "#9467bd", "#c5b0d5", "#2ca02c", "#bdbdbd"]
     bars = axes.bar(names, medians, color=colors)
-    axes.bar_label(bars, labels=[f"{m:,.0f}/s" for m in medians], padding=3)
+    axes.bar_label(bars, labels=[f"{m:,.0f}/s" for m in medians], padding=3, fontsize="small")
     for position, rates in enumerate(runs):
         axes.scatter([position] * len(rates), rates, color="black", s=12, zorder=3)
     axes.axhline(

@@ -170,6 +170,36 @@ class Streaming(Throughput):
 
 
 @dataclass(frozen=True)
+class Order:
+    """The order in which the re-keying hop handed one device's events to the enrichment,
+    read back from its topic after a run: an event is behind when its device time (``dtm``)
+    is earlier than the latest of the same device before it in its partition."""
+
+    events: int
+    behind: int
+    devices: int  # devices with at least one event behind
+    median_behind_ms: int  # how far behind the latest device time, over the events behind
+    max_behind_ms: int
+
+    @property
+    def share(self) -> float:
+        return self.behind / self.events
+
+
+@dataclass(frozen=True)
+class Hop(Throughput):
+    """The re-keying hop's throughput runs on JSON, and the order each of them delivered."""
+
+    orders: list[Order]
+
+    @property
+    def order(self) -> Order:
+        """The run with the median share of events behind."""
+        ranked = sorted(self.orders, key=lambda order: order.share)
+        return ranked[(len(ranked) - 1) // 2]
+
+
+@dataclass(frozen=True)
 class Batch:
     """``enricher batch`` runs on the JSON Lines copy of the input."""
 
@@ -218,6 +248,12 @@ class Results:
     enricher: Streaming
     sessions: Throughput
     """``enricher run`` with the session events topic"""
+    collector: Throughput
+    """``enricher run`` on the collector's records, keyed at random (the re-keying hop)"""
+    collector_requests: int
+    """the records (tracker POSTs) of the collector's input"""
+    hop: Hop
+    """``enricher run`` on JSON keyed at random, by ``duid`` (the re-keying hop)"""
     batch: Batch
     floor: Batch
     """the codec floor (``python -m bench.floor``) on the same file as ``batch``"""
@@ -273,6 +309,14 @@ class Results:
                 p99 is not None and p99 <= 1000,
             ),
         ]
+
+
+def duration(ms: int) -> str:
+    """A span of device time, in the largest unit that keeps it above 1."""
+    for unit, size in (("days", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:,.1f} {unit}"
+    return f"{ms} ms"
 
 
 def milliseconds(value: float | None) -> str:

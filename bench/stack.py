@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from bench.common import REPO, BenchError, say
 
@@ -30,6 +31,7 @@ PARTITIONS = 12
 KAFKA_JVM_OPTS = "-Xms1g -Xmx2g -XX:+UseG1GC"
 UP_TIMEOUT_SECONDS = 900.0
 ADMIN_TIMEOUT_SECONDS = 30.0
+READ_BATCH = 10_000
 # Commands the benchmark itself sends to Redis; they are not the system's.
 OWN_REDIS_COMMANDS = frozenset({"info", "config|resetstat", "config|get", "flushall"})
 
@@ -110,6 +112,40 @@ class Kafka:
         ends = self.high_watermarks(topic, consumer)
         consumer.assign([TopicPartition(topic, p, end) for p, end in enumerate(ends)])
         return consumer
+
+    def read_all(self, topic: str) -> Iterator[tuple[int, bytes, bytes]]:
+        """``(partition, key, value)`` of every committed record of ``topic``, each partition
+        in order, from its beginning to the end it has now; nothing may be writing to it."""
+        consumer = self.cluster.consumer(
+            **{
+                "group.id": f"bench-reader-{topic}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            ends = self.high_watermarks(topic, consumer)
+            left = {p for p, end in enumerate(ends) if end > 0}
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in left])
+            last_read = time.monotonic()
+            while left:
+                if time.monotonic() - last_read > ADMIN_TIMEOUT_SECONDS:
+                    raise BenchError(
+                        f"reading {topic}: partitions {sorted(left)} not read to their end"
+                        f" after {ADMIN_TIMEOUT_SECONDS:.0f}s without a record"
+                    )
+                for message in consumer.consume(READ_BATCH, 0.5):
+                    last_read = time.monotonic()
+                    error = message.error()
+                    if error is None:
+                        yield message.partition() or 0, message.key() or b"", message.value() or b""
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        left.discard(message.partition() or 0)
+                    else:
+                        raise BenchError(f"reading {topic}: {error}")
+        finally:
+            consumer.close()
 
     def high_watermarks(self, topic: str, consumer: Consumer | None = None) -> list[int]:
         """The end offset of each partition of ``topic``, asked of the broker now."""

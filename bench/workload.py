@@ -1,4 +1,9 @@
-"""The events the benchmark feeds: the load generator's traffic, in Kafka and in files."""
+"""The events the benchmark feeds: the load generator's traffic, in Kafka and in files.
+
+The preloaded traffic goes to three input topics, the same events in each: keyed by device
+(what ``enricher run`` reads where it is), keyed at random with ``duid`` set (what the
+re-keying hop moves by device), and as the Snowplow collector writes tracker requests
+(:func:`collector_request`, keyed at random)."""
 
 from __future__ import annotations
 
@@ -8,18 +13,21 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
 from bench.common import BenchError, say
 from bench.stack import Kafka
 from enricher import generate
-from enricher.codecs import tracker
+from enricher.codecs import collector, tracker
 from enricher.output import produce_waiting
 
 Payload = tuple[bytes, bytes]  # (key, value) as produced
 PROGRESS_EVERY = 100_000
 DAY_MS = 86_400_000
 FEED_TICK_SECONDS = 0.005
+REQUEST_EVENTS = 10
+"""events per tracker request in the collector's input (a device's last request: what is left)"""
 
 
 def producer(kafka: Kafka, linger_ms: int) -> Producer:
@@ -62,34 +70,97 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """The input topics the same traffic is preloaded into."""
+
+    keyed: str
+    """tracker-protocol JSON, keyed by device"""
+    random_keys: str
+    """the same JSON with ``duid`` set to the device, keyed by a random UUID"""
+    collector: str
+    """collector records of tracker-protocol-2 POSTs, keyed by a random UUID"""
+
+    def topics(self) -> list[str]:
+        return [self.keyed, self.random_keys, self.collector]
+
+
+@dataclass(frozen=True)
 class Preloaded:
     devices: int  # distinct devices in the traffic
     latest_ms: int  # the latest device time of any event
+    requests: int  # collector records in the collector's input
 
 
-def preload(kafka: Kafka, topic: str, traffic: generate.Traffic, jsonl: Path) -> Preloaded:
-    """Write the traffic to ``topic`` and, the same events, to a JSON Lines file for
-    ``enricher batch``."""
+def preload(kafka: Kafka, inputs: Inputs, traffic: generate.Traffic, jsonl: Path) -> Preloaded:
+    """Write the traffic to each of the ``inputs`` and, the same events, to a JSON Lines file
+    for ``enricher batch``. The collector's input holds one POST per :data:`REQUEST_EVENTS`
+    events of a device, sent with the last of them; a device's remaining events (fewer) go in
+    one last request each, after every full one."""
     out = producer(kafka, linger_ms=20)
     report = Delivery()
+    keys = random.Random(traffic.seed)
     devices: set[str] = set()
+    pending: dict[str, list[dict[str, str]]] = {}
     latest_ms = 0
+    requests = 0
     started = time.monotonic()
+
+    def send(topic: str, key: bytes, value: bytes) -> None:
+        produce_waiting(out, topic, key=key, value=value, on_delivery=report)
+        out.poll(0)
+
     with jsonl.open("wb") as lines:
-        for count, (key, event) in enumerate(generate.events(traffic), start=1):
-            devices.add(key)
+        for count, (device, event) in enumerate(generate.events(traffic), start=1):
+            devices.add(device)
             latest_ms = max(latest_ms, int(event["dtm"]))
-            produce_waiting(
-                out, topic, key=key.encode(), value=tracker.dump(event), on_delivery=report
-            )
-            lines.write(tracker.dump({"key": key, "event": event}) + b"\n")
-            out.poll(0)
+            send(inputs.keyed, device.encode(), tracker.dump(event))
+            tagged = {**event, "duid": device}
+            send(inputs.random_keys, random_key(keys), tracker.dump(tagged))
+            batch = pending.setdefault(device, [])
+            batch.append(tagged)
+            if len(batch) == REQUEST_EVENTS:
+                del pending[device]
+                send(inputs.collector, random_key(keys), collector_request(device, batch))
+                requests += 1
+            lines.write(tracker.dump({"key": device, "event": event}) + b"\n")
             if count % PROGRESS_EVERY == 0:
                 say(f"preloading: {count:,} of {traffic.events:,} events")
-    report.finish(out, topic)
+    for device, batch in pending.items():
+        send(inputs.collector, random_key(keys), collector_request(device, batch))
+    requests += len(pending)
+    report.finish(out, ", ".join(inputs.topics()))
     rate = traffic.events / (time.monotonic() - started)
-    say(f"preloaded {traffic.events:,} events of {len(devices):,} devices ({rate:,.0f}/s)")
-    return Preloaded(len(devices), latest_ms)
+    say(
+        f"preloaded {traffic.events:,} events of {len(devices):,} devices ({rate:,.0f}/s) to"
+        f" each input; {requests:,} collector requests"
+    )
+    return Preloaded(len(devices), latest_ms, requests)
+
+
+def random_key(rng: random.Random) -> bytes:
+    """A random UUID as text, as the collector keys its records."""
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode()
+
+
+def collector_request(device: str, events: list[dict[str, str]]) -> bytes:
+    """A mobile tracker's POST of ``events`` of ``device``, as the collector writes it: a
+    ``CollectorPayload`` whose body is a ``payload_data`` of the events, received when the
+    last of them was sent, with the device's network user id cookie."""
+    body = orjson.dumps({"schema": collector.PAYLOAD_DATA_SCHEMA, "data": events}).decode()
+    payload = collector.CollectorPayload(
+        ip_address="203.0.113.7",
+        timestamp=int(events[-1]["stm"]),
+        encoding="UTF-8",
+        collector="ssc-3.2.0-kafka",
+        user_agent="Snowplow/ReactNative",
+        path=collector.TP2_PATH,
+        body=body,
+        headers=("Host: collector.example.com", "Content-Type: application/json; charset=UTF-8"),
+        content_type="application/json; charset=UTF-8",
+        hostname="collector.example.com",
+        network_user_id=str(uuid.uuid5(uuid.NAMESPACE_URL, device)),
+    )
+    return collector.encode(payload)
 
 
 def returning(traffic: generate.Traffic, count: int, after_ms: int) -> list[Payload]:
