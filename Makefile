@@ -42,8 +42,8 @@ test: install  ## lint, then the unit tests, then the integration tests against 
 	$(PYTHON) -m pytest tests/unit
 	$(PYTHON) -m pytest tests/integration
 
-demo: install  ## stack up, sample traffic, the enricher, a session summary, stack down
-	ops/demo
+demo: install  ## stack up, sample traffic, the enricher, a session summary, stack down (DEMO_FLAGS=--collector: collector records)
+	ops/demo $(DEMO_FLAGS)
 
 bench: install  ## throughput, latency and Redis cost against a passthrough ceiling (15-25 min)
 	$(PYTHON) -m pip install -q -e '.[test,bench]'

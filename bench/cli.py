@@ -154,6 +154,7 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
     sessions: list[StreamRun] = []
     collector: list[StreamRun] = []
     hop: list[StreamRun] = []
+    enriched: list[StreamRun] = []
     orders: list[Order] = []
     batch: list[Window] = []
     floor: list[Window] = []
@@ -163,6 +164,7 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         enricher.append(measure.throughput_run(lab, "enricher", index))
         sessions.append(measure.throughput_run(lab, "sessions", index))
         collector.append(measure.throughput_run(lab, "collector", index))
+        enriched.append(measure.throughput_run(lab, "enriched", index))
         run, order = measure.hop_run(lab, index)
         hop.append(run)
         orders.append(order)
@@ -203,6 +205,7 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         collector=Throughput(collector, plan.events, preloaded.devices),
         collector_requests=preloaded.requests,
         hop=Hop(hop, plan.events, preloaded.devices, orders),
+        enriched=Throughput(enriched, plan.events, preloaded.devices),
         batch=Batch(batch, summary),
         floor=Batch(floor, f"events={plan.events}"),
         memory=memory,

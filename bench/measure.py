@@ -32,7 +32,9 @@ from bench.stack import PARTITIONS, CommittedOffsets, Kafka, Redis
 from enricher import generate, rekey
 
 INPUT_TOPIC = "bench.input"
-INPUTS = workload.Inputs(INPUT_TOPIC, "bench.input.random-keys", "bench.input.collector")
+INPUTS = workload.Inputs(
+    INPUT_TOPIC, "bench.input.random-keys", "bench.input.collector", "bench.input.enriched"
+)
 DLQ_TOPIC = "bench.dlq"
 SALT = "bench-salt"
 POLL_SECONDS = 0.5
@@ -46,10 +48,12 @@ STREAMING_ARGV = {
     "sessions": [sys.executable, "-m", "enricher", "run"],
     "collector": [sys.executable, "-m", "enricher", "run"],
     "hop": [sys.executable, "-m", "enricher", "run"],
+    "enriched": [sys.executable, "-m", "enricher", "run"],
 }
 """``sessions``: ``enricher run`` publishing the session events topic too; ``collector``: on
 the collector's records, in and out; ``hop``: on the JSON keyed at random, the device in
-``duid``. The last two move every event to its device's partition first (the re-keying hop)."""
+``duid``. Those two move every event to its device's partition first (the re-keying hop).
+``enriched``: on Snowplow Enrich's TSV keyed by device, in and out."""
 REKEYED = {
     "collector": {
         "ENRICHER_INPUT_FORMAT": "snowplow-collector",
@@ -58,7 +62,19 @@ REKEYED = {
     "hop": {"ENRICHER_DEVICE_ID": "duid"},
 }
 """the settings of the modes behind the re-keying hop"""
-MODE_INPUTS = {"collector": INPUTS.collector, "hop": INPUTS.random_keys}
+MODE_INPUTS = {
+    "collector": INPUTS.collector,
+    "hop": INPUTS.random_keys,
+    "enriched": INPUTS.enriched,
+}
+FORMAT_SETTINGS = {
+    "enriched": {
+        "ENRICHER_INPUT_FORMAT": "snowplow-enriched",
+        "ENRICHER_OUTPUT_FORMAT": "snowplow-enriched",
+        "ENRICHER_DEVICE_ID": "key",
+    },
+}
+"""the settings of a mode on another format, keyed by device (no hop)"""
 """the input of the modes that do not read :data:`INPUT_TOPIC`"""
 METRICS_TIMEOUT_SECONDS = 2.0
 HTTP_LOG_LINE = re.compile(r"http on (\S+):(\d+) \(/metrics")
@@ -98,6 +114,7 @@ class Lab:
             "ENRICHER_METRICS_PORT": "0",
             "ENRICHER_SHUTDOWN_TIMEOUT": "10",
             **REKEYED.get(mode, {}),
+            **FORMAT_SETTINGS.get(mode, {}),
         }
         if mode == "sessions":
             env["ENRICHER_SESSION_EVENTS_TOPIC"] = sessions_topic(target)

@@ -102,6 +102,11 @@ def markdown(results: Results) -> str:
             results,
             hop,
         ),
+        _throughput_row(
+            "enricher, exactly-once, enriched TSV (Snowplow Enrich's 131 fields) keyed by device",
+            results,
+            results.enriched,
+        ),
         ["enricher, at-least-once", UNSUPPORTED, *[""] * 6],
         [
             "codec floor: orjson decode, one entity into `co`, encode; no rules (batch's ceiling)",
@@ -167,6 +172,7 @@ def markdown(results: Results) -> str:
         f" with the session events topic {_runs([r.window.rate for r in sessions.runs])};"
         f" collector format {_runs([r.window.rate for r in collector.runs])};"
         f" re-keying hop {_runs([r.window.rate for r in hop.runs])};"
+        f" enriched TSV {_runs([r.window.rate for r in results.enriched.runs])};"
         f" batch {_runs([w.rate for w in batch.runs])};"
         f" codec floor {_runs([w.rate for w in floor.runs])}.",
         "x ceiling: the streaming modes' events/s against the passthrough's; batch mode's"
@@ -283,6 +289,10 @@ def as_json(results: Results) -> dict[str, Any]:
                 **_throughput_json(results.collector),
                 "ratio_to_passthrough": results.ratio(results.collector.rate),
                 "input_records": results.collector_requests,
+            },
+            "enricher_exactly_once_enriched_tsv": {
+                **_throughput_json(results.enriched),
+                "ratio_to_passthrough": results.ratio(results.enriched.rate),
             },
             "enricher_exactly_once_rekeying_hop_json": {
                 **_throughput_json(results.hop),

@@ -252,6 +252,8 @@ class Results:
     """``enricher run`` on the collector's records, keyed at random (the re-keying hop)"""
     collector_requests: int
     """the records (tracker POSTs) of the collector's input"""
+    enriched: Throughput
+    """``enricher run`` on Snowplow Enrich's TSV keyed by device (no hop)"""
     hop: Hop
     """``enricher run`` on JSON keyed at random, by ``duid`` (the re-keying hop)"""
     batch: Batch

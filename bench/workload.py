@@ -79,9 +79,11 @@ class Inputs:
     """the same JSON with ``duid`` set to the device, keyed by a random UUID"""
     collector: str
     """collector records of tracker-protocol-2 POSTs, keyed by a random UUID"""
+    enriched: str
+    """the events as Snowplow Enrich writes them (131-field TSV), keyed by device"""
 
     def topics(self) -> list[str]:
-        return [self.keyed, self.random_keys, self.collector]
+        return [self.keyed, self.random_keys, self.collector, self.enriched]
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ def preload(kafka: Kafka, inputs: Inputs, traffic: generate.Traffic, jsonl: Path
             devices.add(device)
             latest_ms = max(latest_ms, int(event["dtm"]))
             send(inputs.keyed, device.encode(), tracker.dump(event))
+            send(inputs.enriched, device.encode(), generate.enriched_record(device, event))
             tagged = {**event, "duid": device}
             send(inputs.random_keys, random_key(keys), tracker.dump(tagged))
             batch = pending.setdefault(device, [])

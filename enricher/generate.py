@@ -185,6 +185,47 @@ class Pacer:
                 time.sleep(delay)
 
 
+# What Snowplow Enrich writes in ``event`` for a tracker-protocol ``e``.
+_ENRICHED_EVENT = {"pv": "page_view", "pp": "page_ping", "se": "struct", "ue": "unstruct"}
+
+
+def enriched_record(device: str, event: Mapping[str, str]) -> bytes:
+    """A generated event as Snowplow Enrich writes it to its enriched stream (the fields the
+    session rules read, and the ones Enrich always fills), with ``domain_userid`` the device."""
+    from enricher.codecs.enriched_tsv import FIELDS, format_tstamp
+
+    def tstamp(name: str) -> str:
+        return format_tstamp(int(event[name])) if name in event else ""
+
+    unstruct = event.get("ue_pr", "")
+    columns = {
+        "app_id": event.get("aid", ""),
+        "platform": event.get("p", ""),
+        "etl_tstamp": tstamp("stm"),
+        "collector_tstamp": tstamp("stm"),
+        "dvce_created_tstamp": tstamp("dtm"),
+        "event": _ENRICHED_EVENT.get(event.get("e", ""), event.get("e", "")),
+        "event_id": event["eid"],
+        "name_tracker": event.get("tna", ""),
+        "v_tracker": event.get("tv", ""),
+        "v_collector": "ssc-3.2.0-kafka",
+        "v_etl": "snowplow-enrich-kafka-5.0.0",
+        "domain_userid": device,
+        "contexts": event.get("co", ""),
+        "se_category": event.get("se_ca", ""),
+        "se_action": event.get("se_ac", ""),
+        "unstruct_event": unstruct,
+        "dvce_sent_tstamp": tstamp("stm"),
+        "derived_tstamp": tstamp("dtm"),
+    }
+    if unstruct:
+        schema = orjson.loads(unstruct)["data"]["schema"]
+        vendor, name, form, version = schema.removeprefix("iglu:").split("/")
+        columns.update(event_vendor=vendor, event_name=name, event_format=form)
+        columns["event_version"] = version
+    return "\t".join(columns.get(field, "") for field in FIELDS).encode()
+
+
 def collector_requests(traffic: Traffic) -> Iterator[tuple[bytes, bytes]]:
     """The traffic as Snowplow's collector writes it to Kafka: each device's events in POST
     requests of up to 10 (a request is sent early now and then, as trackers flush on a

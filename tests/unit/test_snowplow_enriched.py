@@ -22,7 +22,7 @@ from support import (
     tracker_event,
 )
 
-from enricher import config
+from enricher import config, generate
 from enricher.codecs import tracker
 from enricher.codecs.enriched_tsv import FIELDS, INDEX
 from enricher.codecs.factory import codecs
@@ -153,3 +153,17 @@ def test_the_enriched_format_is_written_back_only_as_itself() -> None:
         config.load({"ENRICHER_INPUT_FORMAT": "snowplow-enriched"})
     with pytest.raises(config.ConfigError, match="ENRICHER_ENTITY_FIELD"):
         config.load({"ENRICHER_ENTITY_FIELD": "unstruct_event"})
+
+
+def test_generated_enriched_records_read_back_as_their_events() -> None:
+    traffic = generate.Traffic(events=500, devices=20, seed=3)
+    for device, fields in generate.events(traffic):
+        record = generate.enriched_record(device, fields)
+        event, original = TSV.decode(record), JSON.decode(tracker.dump(fields))
+        assert (event.event_id, event.time_ms, event.lifecycle, event.app_id) == (
+            original.event_id,
+            original.time_ms,
+            original.lifecycle,
+            original.app_id,
+        )
+        assert column(record, "domain_userid") == device
