@@ -4,8 +4,9 @@
 (the exactly-once protocol, in one place), and on failure backs off and lets the consumer
 deliver the rewound batch again. It also answers the consumer group's rebalances (fencing the
 partitions it is assigned in Redis, and checking that Redis holds all their committed state),
-rebuilds the state Redis lost from the input topic (:mod:`enricher.repair`) and runs the
-state-TTL sweep between batches, and keeps the health the probes report.
+holds a partition until its state is known to be complete, repairing what Redis lost
+(:mod:`enricher.recovery`), runs the state-TTL sweep between batches, and keeps the health the
+probes report.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -31,7 +32,7 @@ from enricher.errors import Unavailable
 from enricher.intake import InputMessage, MessageDecoder
 from enricher.metrics import Metrics
 from enricher.output import Output, Refused, consumer_config, producer_config
-from enricher.repair import Discard, Reader, Repair, plan
+from enricher.recovery import Recovery
 from enricher.store import Fenced, PartitionStore, StateLost
 from enricher.sweeper import Sweeper
 
@@ -40,12 +41,6 @@ log = logging.getLogger("enricher.service")
 DLQ_HEADER_PREFIX = HEADER_PREFIX
 _BACKOFF_START = 0.2
 _BACKOFF_MAX = 10.0
-# How long one pass of the loop may spend on a repair before it serves the other partitions.
-_REPAIR_SLICE_SECONDS = 0.5
-# How long one pass of the loop waits for the committed offsets of newly assigned partitions
-# (they wait while a transaction that commits offsets is pending).
-_COMMITTED_WAIT_SECONDS = 1.0
-_REPAIR_PROGRESS_SECONDS = 10.0
 
 
 class LayoutChanged(RuntimeError):
@@ -88,17 +83,6 @@ class Service:
         self.partition_count = 0
         """the input's partition count the state is placed by (:meth:`check_layout`)"""
         self.layout_error = ""
-        self.repairs: dict[int, Repair] = {}
-        """partitions whose state is being rebuilt, in the order found"""
-        self.unchecked: dict[int, int | None] = {}
-        """partitions assigned whose state was not compared with the committed offset yet:
-        how complete Redis said their state was when they were taken"""
-        self._dropped: dict[int, int] = {}
-        """the first offset consumed of an unchecked partition (consumed, not enriched)"""
-        self._paused: set[int] = set()
-        self._repair_after = 0.0
-        self._progress_logged_at = 0.0
-        self._reader: Consumer | None = None
         self.topics = Topics(
             settings.input_topic,
             settings.output_topic,
@@ -130,6 +114,17 @@ class Service:
             settings.max_message_bytes,
             round(settings.max_event_ahead * 1000),
             self.output.refused,
+        )
+        self.recovery = Recovery(
+            settings,
+            self.consumer,
+            store,
+            self.owned,
+            metrics,
+            redis_call=self.redis_call,
+            new_checkpoint=self._checkpoint,
+            stopping=self.stopping,
+            kafka_timeout=self.kafka_timeout,
         )
         self.sweeper = Sweeper(
             store,
@@ -176,8 +171,7 @@ class Service:
                     self._set_health("kafka", True)
                     self.process(batch)
                 self._sweep()
-                self._check_assigned()
-                self._repair()
+                self.recovery.step()
         finally:
             self.close()
         if self.layout_error:
@@ -197,8 +191,7 @@ class Service:
         while self.consumer.assignment() and time.monotonic() < deadline:
             self.consumer.poll(0.1)  # rebalance callbacks; a message here is not committed
         self.consumer.close()
-        if self._reader is not None:
-            self._reader.close()
+        self.recovery.close()
         self.producer.flush(self.settings.shutdown_timeout)
 
     def input_partitions(self) -> int:
@@ -212,7 +205,7 @@ class Service:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         detail: dict[str, Any] = {"partitions": sorted(self.owned)}
-        detail["repairing"] = sorted(self.repairs)
+        detail["repairing"] = self.recovery.repairing
         detail.update(self.healthy)
         return bool(self.owned) and all(self.healthy.values()), detail
 
@@ -230,15 +223,10 @@ class Service:
         A failed batch is not retried in place: the main loop consumes it again from the
         rewound offsets, so rebalance callbacks keep running while Kafka or Redis is away.
         """
-        owned, repairs, unchecked = self.owned, self.repairs, self.unchecked
-        if repairs or unchecked:
-            for m in messages:
-                if m.partition in unchecked:
-                    self._dropped.setdefault(m.partition, m.offset)
-            messages = [m for m in messages if m.partition in owned and m.partition not in repairs]
-            messages = [m for m in messages if m.partition not in unchecked]
-        else:
-            messages = [m for m in messages if m.partition in owned]
+        owned = self.owned
+        messages = [m for m in messages if m.partition in owned]
+        if self.recovery.busy:
+            messages = self.recovery.admit(messages)
         if not messages:
             return
         started = time.monotonic()
@@ -256,7 +244,7 @@ class Service:
             return
         except StateLost as error:
             self._abort(checkpoint)
-            self._lost(error)
+            self.recovery.lost(error)
             return
         except (Unavailable, Refused, KafkaException, redis.RedisError) as error:
             self._abort(checkpoint)
@@ -305,210 +293,9 @@ class Service:
             for partition in error.partitions:
                 self.owned.pop(partition, None)
         except StateLost as error:
-            self._lost(error)
+            self.recovery.lost(error)
         except Unavailable as error:
             log.info("sweep postponed: %s", error)
-
-    # -- state repair ----------------------------------------------------------------------
-
-    def _lost(self, error: StateLost) -> None:
-        """Redis lost state of owned partitions: take them again (Redis may have lost their
-        epochs too) and repair what is behind."""
-        log.error("%s; rebuilding it from the input topic", error)
-        partitions = [p for p in error.partitions if p in self.owned]
-        try:
-            taken = self.redis_call(
-                "fence", lambda: self.store.fence(partitions, int(time.time() * 1000))
-            )
-        except Unavailable as unavailable:
-            log.warning("cannot take partitions %s again yet: %s", partitions, unavailable)
-            return
-        for partition, ownership in taken.items():
-            owned = self.owned[partition]
-            owned.epoch, owned.cache = ownership.epoch, {}
-            self._drop_repair(partition)
-            try:
-                self._plan_repair(partition, ownership.complete, owned.committed)
-            except KafkaException as kafka:  # the next write finds the loss again
-                log.warning("repair of partition %d not planned yet: %s", partition, kafka)
-
-    def _plan_repair(self, partition: int, complete: int | None, committed: int) -> None:
-        """Start a repair of the partition if its state is behind its committed offset."""
-        if committed < 0 or (complete is not None and complete >= committed):
-            return
-        tp = TopicPartition(self.settings.input_topic, partition)
-        earliest, _ = self.consumer.get_watermark_offsets(tp, self.kafka_timeout)
-        needed = plan(partition, complete, committed, earliest)
-        if needed is None:
-            return
-        found = "missing" if complete is None else "behind"
-        log.error(
-            "redis is behind kafka on partition %d: state complete up to %s, committed %d;"
-            " replaying offsets %d to %d of the input before enriching it",
-            partition,
-            "nothing (no record: wiped)" if complete is None else complete,
-            committed,
-            needed.start,
-            committed,
-        )
-        if needed.unreplayable:
-            log.error(
-                "partition %d: %d input offsets whose state was lost are no longer retained"
-                " (from %d, earliest retained %d): devices with events there restart from older"
-                " state",
-                partition,
-                needed.unreplayable,
-                needed.start - needed.unreplayable,
-                earliest,
-            )
-            self.metrics.state_repair_unreplayable.inc(needed.unreplayable)
-        self.metrics.state_repairs.labels(found=found).inc()
-        self.repairs[partition] = Repair(
-            needed,
-            self.owned[partition].epoch,
-            topic=self.settings.input_topic,
-            reader=self._repair_reader(),
-            store=self.store,
-            run=self._replay,
-            chunk_size=self.settings.batch_size,
-            replayed=self.metrics.state_repair_events.inc,
-        )
-        self.metrics.state_repairing.set(len(self.repairs))
-
-    def _repair_reader(self) -> Consumer:
-        if self._reader is None:
-            config = consumer_config(self.settings)
-            config["enable.partition.eof"] = True
-            config.pop("statistics.interval.ms", None)
-            self._reader = Consumer(config, logger=logging.getLogger("enricher.kafka"))
-        return self._reader
-
-    def _replay(self, messages: list[InputMessage], owned: OwnedPartition, reader: Reader) -> None:
-        checkpoint = self._checkpoint(messages, {messages[0].partition: owned}, Discard(), reader)
-        try:
-            checkpoint.run()
-        except BaseException:
-            checkpoint.abort()
-            raise
-
-    def _repair(self) -> None:
-        """Pause the partitions under repair, and replay the first repair for a while."""
-        if not self.repairs or time.monotonic() < self._repair_after:
-            return
-        if not self._hold(list(self.repairs)):
-            return
-        repair = next(iter(self.repairs.values()))
-        partition = repair.partition
-        deadline = time.monotonic() + _REPAIR_SLICE_SECONDS
-        try:
-            while not repair.step():
-                if time.monotonic() > deadline or self.stopping.is_set():
-                    self._report_progress(repair)
-                    return
-        except Fenced as error:
-            log.warning("repair fenced: %s", error)
-            self._drop_repair(partition)
-            self.owned.pop(partition, None)
-            return
-        except StateLost as error:
-            self._lost(error)
-            return
-        except (Unavailable, KafkaException, redis.RedisError) as error:
-            if isinstance(error, KafkaException) and error.args[0].fatal():
-                raise
-            log.warning("repair of partition %d postponed: %s", partition, error)
-            self._repair_after = time.monotonic() + _BACKOFF_MAX / 2
-            return
-        self._repaired(repair)
-
-    def _report_progress(self, repair: Repair) -> None:
-        now = time.monotonic()
-        if now < self._progress_logged_at + _REPAIR_PROGRESS_SECONDS:
-            return
-        self._progress_logged_at = now
-        done, total = repair.progress
-        log.info(
-            "repairing partition %d: %d of %d offsets replayed (%d records)",
-            repair.partition,
-            done,
-            total,
-            repair.events,
-        )
-
-    def _repaired(self, repair: Repair) -> None:
-        """Serve the repaired partition again, from its committed offset."""
-        partition, end = repair.partition, repair.plan.end
-        self._drop_repair(partition)
-        owned = self.owned.get(partition)
-        if owned is not None:
-            owned.cache = {}
-            self._serve_from(partition, end)
-        log.warning(
-            "partition %d repaired: replayed %d input records up to offset %d",
-            partition,
-            repair.events,
-            end,
-        )
-
-    def _drop_repair(self, partition: int) -> None:
-        repair = self.repairs.pop(partition, None)
-        if repair is not None:
-            repair.close()
-        self.metrics.state_repairing.set(len(self.repairs))
-
-    def _check_assigned(self) -> None:
-        """Compare how complete the state of newly assigned partitions is with the group's
-        committed offsets: repair what is behind, serve the others. They are paused meanwhile,
-        and what was consumed of them is consumed again."""
-        if not self.unchecked:
-            return
-        partitions = list(self.unchecked)
-        if not self._hold(partitions):
-            return
-        try:
-            committed = self._committed(partitions)
-        except KafkaException as error:
-            log.info("committed offsets of partitions %s not known yet: %s", partitions, error)
-            return
-        for partition in partitions:
-            owned = self.owned.get(partition)
-            if owned is not None:
-                try:
-                    self._plan_repair(partition, self.unchecked[partition], committed[partition])
-                except KafkaException as error:
-                    log.info("partition %d not checked yet: %s", partition, error)
-                    continue
-                owned.committed = committed[partition]
-            del self.unchecked[partition]
-            dropped = self._dropped.pop(partition, None)
-            if owned is None or partition in self.repairs:
-                continue
-            if dropped is None:
-                self._resume(partition)
-            else:
-                self._serve_from(partition, dropped)
-
-    def _hold(self, partitions: list[int]) -> bool:
-        """Pause the partitions not paused yet; False if the consumer cannot (yet)."""
-        fresh = [p for p in partitions if p not in self._paused]
-        if fresh:
-            topic = self.settings.input_topic
-            try:
-                self.consumer.pause([TopicPartition(topic, p) for p in fresh])
-            except KafkaException as error:
-                log.info("partitions %s not paused yet: %s", fresh, error)
-                return False
-            self._paused.update(fresh)
-        return True
-
-    def _serve_from(self, partition: int, offset: int) -> None:
-        """Consume a paused partition again, from ``offset``."""
-        self.consumer.seek(TopicPartition(self.settings.input_topic, partition, offset))
-        self._resume(partition)
-
-    def _resume(self, partition: int) -> None:
-        self.consumer.resume([TopicPartition(self.settings.input_topic, partition)])
-        self._paused.discard(partition)
 
     def _abort(self, checkpoint: Checkpoint) -> None:
         """Abort the batch, counting how often the same batch failed in a row."""
@@ -616,19 +403,10 @@ class Service:
             log.info("partitions %s not resumed: %s", numbers, error)
         for partition, ownership in taken.items():
             self.owned[partition] = OwnedPartition(ownership.epoch)
-            self._drop_repair(partition)
-            self.unchecked[partition] = ownership.complete
-            self._dropped.pop(partition, None)
+            self.recovery.assigned(partition, ownership.complete)
         self.metrics.assigned.set(len(self.owned))
         epochs = {p: o.epoch for p, o in taken.items()}
         log.info("assigned partitions %s (epochs %s)", numbers, epochs)
-
-    def _committed(self, partitions: Iterable[int]) -> dict[int, int]:
-        """The group's committed offset of each partition (-1: none)."""
-        topic = self.settings.input_topic
-        wanted = [TopicPartition(topic, p) for p in partitions]
-        found = self.consumer.committed(wanted, timeout=_COMMITTED_WAIT_SECONDS)
-        return {tp.partition: max(tp.offset, -1) for tp in found}
 
     def _on_revoke(self, _: Consumer, partitions: list[TopicPartition]) -> None:
         self._release(partitions, "revoke")
@@ -640,10 +418,7 @@ class Service:
         numbers = [tp.partition for tp in partitions]
         for partition in numbers:
             self.owned.pop(partition, None)
-            self._drop_repair(partition)
-            self.unchecked.pop(partition, None)
-            self._dropped.pop(partition, None)
-            self._paused.discard(partition)
+            self.recovery.released(partition)
         self.output.forget_partitions(numbers)
         self.metrics.forget_partitions(numbers)
         self.metrics.rebalances.labels(kind=kind).inc()
