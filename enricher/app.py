@@ -207,16 +207,29 @@ def migrate_state(settings: Settings, partitions: int) -> int:
 
 
 def create_by_device_topic(settings: Settings, topic: str) -> None:
-    """The re-keying hop's topic, with the input's partition count (created if missing)."""
+    """The re-keying hop's topic, created if missing with the input's partition count and
+    retention (a state repair replays it as it would the input)."""
     from confluent_kafka import KafkaError
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AdminClient,
+        ConfigResource,
+        NewTopic,
+    )
 
     partitions = input_partitions(settings)
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **settings.kafka})
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions)])
+    source = ConfigResource(ConfigResource.Type.TOPIC, settings.input_topic)
+    described = admin.describe_configs([source])[source].result(timeout=30)
+    retention = {
+        name: entry.value
+        for name, entry in described.items()
+        if name in ("retention.ms", "retention.bytes") and entry.value is not None
+    }
+    new_topic = NewTopic(topic, num_partitions=partitions, config=retention)
+    futures = admin.create_topics([new_topic])
     try:
         futures[topic].result(timeout=30)
-        log.info("created the re-keying topic %s (%d partitions)", topic, partitions)
+        log.info("created the re-keying topic %s (%d partitions, %s)", topic, partitions, retention)
     except KafkaException as error:
         if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise

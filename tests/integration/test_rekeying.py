@@ -15,6 +15,11 @@ import urllib.parse
 import uuid
 
 import pytest
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+)
 from feeding import Input, produce_input, traffic
 from instances import Fleet
 from rekeyed import (
@@ -48,11 +53,22 @@ def test_json_events_keyed_at_random_are_enriched_by_their_duid(stack: Stack, fl
     no_device = {**items[0][1], "eid": str(uuid.UUID(int=1))}
     missing = Input(b"random", tracker.dump(no_device))
     topics = stack.new_topics("rekey", partitions=PARTITIONS)
+    admin = stack.admin()  # held: its requests end with it
+    retention = ConfigEntry(
+        "retention.ms", "123456789", incremental_operation=AlterConfigOpType.SET
+    )
+    resource = ConfigResource("topic", topics.input, incremental_configs=[retention])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
     env = env_for(stack, topics, ENRICHER_DEVICE_ID="duid")
     instance = fleet.add("rekey", env).start()
     produce_input(stack, topics.input, [*messages, missing])
     wait_done(stack, env, fleet, len(messages) + 1, len(messages))
     stop([instance])
+    # The hop's topic keeps the input as long as the input does: repairs replay it.
+    hop_topic = ConfigResource("topic", by_device(env))
+    configs = admin.describe_configs([hop_topic])[hop_topic].result(timeout=30)
+    assert configs["retention.ms"].value == "123456789"
 
     dead = stack.read_committed([topics.dlq])
     assert [dict(d.headers).get("enricher.error.reason") for d in dead] == [b"missing_device_id"]
