@@ -15,13 +15,14 @@ import urllib.parse
 import uuid
 
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
 )
 from feeding import Input, produce_input, traffic
-from instances import Fleet
+from instances import Fleet, wait_for
 from rekeyed import (
     by_device,
     check,
@@ -58,8 +59,18 @@ def test_json_events_keyed_at_random_are_enriched_by_their_duid(stack: Stack, fl
         "retention.ms", "123456789", incremental_operation=AlterConfigOpType.SET
     )
     resource = ConfigResource("topic", topics.input, incremental_configs=[retention])
-    for future in admin.incremental_alter_configs([resource]).values():
-        future.result(timeout=30)
+
+    def retention_set() -> bool:  # a topic just created may not be known to the broker yet
+        try:
+            for future in admin.incremental_alter_configs([resource]).values():
+                future.result(timeout=30)
+        except KafkaException as error:
+            errors.append(str(error))
+            return False
+        return True
+
+    errors: list[str] = []
+    wait_for(retention_set, "the input's retention to be set", 60, detail=lambda: errors[-1])
     env = env_for(stack, topics, ENRICHER_DEVICE_ID="duid")
     instance = fleet.add("rekey", env).start()
     produce_input(stack, topics.input, [*messages, missing])
