@@ -73,6 +73,18 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def leave_group(consumer: Any, timeout: float) -> None:
+    """Unsubscribe, serve the revocations until nothing is assigned (at most ``timeout``
+    seconds), then close. (Closing while the cooperative protocol is still handing partitions
+    over can hang librdkafka's close, holding the GIL, so that not even the shutdown deadline
+    can run: librdkafka issue 4527.)"""
+    consumer.unsubscribe()
+    deadline = time.monotonic() + timeout
+    while consumer.assignment() and time.monotonic() < deadline:
+        consumer.poll(0.1)  # rebalance callbacks; a message here is not committed
+    consumer.close()
+
+
 class Refused(RuntimeError):
     """Kafka refused a record of the batch for good: the batch is aborted, and its replay
     dead-letters the input whose enriched record was refused."""

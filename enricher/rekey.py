@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -30,7 +29,7 @@ from enricher.devices import DeviceId
 from enricher.errors import BadInput
 from enricher.intake import InputMessage
 from enricher.metrics import Metrics
-from enricher.output import Output, Refused
+from enricher.output import Output, Refused, leave_group
 
 log = logging.getLogger("enricher.rekey")
 
@@ -127,7 +126,6 @@ class Rekeyer:
         self.metrics = metrics
         self.stopping = stopping
         self._delay = _BACKOFF_START
-        self.on_progress: Callable[[], None] = lambda: None
 
     def run(self) -> None:
         """Route batches until ``stopping`` is set; then leave the group."""
@@ -135,7 +133,6 @@ class Rekeyer:
         self.consumer.subscribe([self.input_topic])
         try:
             while not self.stopping.is_set():
-                self.on_progress()
                 consumed = self.consumer.consume(self.batch_size, self.batch_timeout)
                 batch = []
                 for message in consumed:
@@ -149,7 +146,7 @@ class Rekeyer:
                 if batch:
                     self.process(batch)
         finally:
-            self.consumer.close()
+            leave_group(self.consumer, self.output.timeout / 2)
             self.output.producer.flush(self.output.timeout)
 
     def process(self, batch: list[InputMessage]) -> None:

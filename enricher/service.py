@@ -31,7 +31,7 @@ from enricher.enrich import Enricher
 from enricher.errors import Unavailable
 from enricher.intake import InputMessage, MessageDecoder
 from enricher.metrics import Metrics
-from enricher.output import Output, Refused, consumer_config, producer_config
+from enricher.output import Output, Refused, consumer_config, leave_group, producer_config
 from enricher.recovery import Recovery
 from enricher.store import Fenced, PartitionStore, StateLost
 from enricher.sweeper import Sweeper
@@ -181,16 +181,9 @@ class Service:
         self.stopping.set()
 
     def close(self) -> None:
-        """Leave the group: unsubscribe, serve the revocations until nothing is assigned, then
-        close. (Closing while the cooperative protocol is still handing partitions over can
-        hang librdkafka's close, holding the GIL, so that not even the shutdown deadline can
-        run: librdkafka issue 4527.)"""
+        """Leave the group (:func:`~enricher.output.leave_group`), then flush."""
         log.info("leaving the consumer group")
-        self.consumer.unsubscribe()
-        deadline = time.monotonic() + self.settings.shutdown_timeout / 2
-        while self.consumer.assignment() and time.monotonic() < deadline:
-            self.consumer.poll(0.1)  # rebalance callbacks; a message here is not committed
-        self.consumer.close()
+        leave_group(self.consumer, self.settings.shutdown_timeout / 2)
         self.recovery.close()
         self.producer.flush(self.settings.shutdown_timeout)
 
