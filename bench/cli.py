@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench import measure, report, stack, workload
+from bench import latency, measure, report, stack, workload
 from bench.children import Children
 from bench.common import REPO, BenchError, say
 from bench.machine import describe
@@ -184,10 +184,10 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
     say(f"generating {sum(counts.values()):,} more events to offer at half of peak")
     more = workload.returning(traffic, sum(counts.values()), preloaded.latest_ms)
     latencies = {
-        "passthrough": measure.latency_run(
+        "passthrough": latency.latency_run(
             lab, "passthrough", rates["passthrough"], more[: counts["passthrough"]]
         ),
-        "enricher": measure.latency_run(
+        "enricher": latency.latency_run(
             lab, "enricher", rates["enricher"], more[counts["passthrough"] :]
         ),
     }

@@ -1,9 +1,10 @@
 """The events the benchmark feeds: the load generator's traffic, in Kafka and in files.
 
-The preloaded traffic goes to three input topics, the same events in each: keyed by device
+The preloaded traffic goes to four input topics, the same events in each: keyed by device
 (what ``enricher run`` reads where it is), keyed at random with ``duid`` set (what the
-re-keying hop moves by device), and as the Snowplow collector writes tracker requests
-(:func:`collector_request`, keyed at random)."""
+re-keying hop moves by device), as the Snowplow collector writes tracker requests
+(:func:`enricher.generate.collector_request`, keyed at random), and as Snowplow Enrich writes
+enriched events (:func:`enricher.generate.enriched_record`, keyed by device)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
 from bench.common import BenchError, say
 from bench.stack import Kafka
 from enricher import generate
-from enricher.codecs import collector, tracker
+from enricher.codecs import tracker
 from enricher.output import produce_waiting
 
 Payload = tuple[bytes, bytes]  # (key, value) as produced
@@ -123,13 +123,13 @@ def preload(kafka: Kafka, inputs: Inputs, traffic: generate.Traffic, jsonl: Path
             batch.append(tagged)
             if len(batch) == REQUEST_EVENTS:
                 del pending[device]
-                send(inputs.collector, random_key(keys), collector_request(device, batch))
+                send(inputs.collector, random_key(keys), generate.collector_request(device, batch))
                 requests += 1
             lines.write(tracker.dump({"key": device, "event": event}) + b"\n")
             if count % PROGRESS_EVERY == 0:
                 say(f"preloading: {count:,} of {traffic.events:,} events")
     for device, batch in pending.items():
-        send(inputs.collector, random_key(keys), collector_request(device, batch))
+        send(inputs.collector, random_key(keys), generate.collector_request(device, batch))
     requests += len(pending)
     report.finish(out, ", ".join(inputs.topics()))
     rate = traffic.events / (time.monotonic() - started)
@@ -143,27 +143,6 @@ def preload(kafka: Kafka, inputs: Inputs, traffic: generate.Traffic, jsonl: Path
 def random_key(rng: random.Random) -> bytes:
     """A random UUID as text, as the collector keys its records."""
     return str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode()
-
-
-def collector_request(device: str, events: list[dict[str, str]]) -> bytes:
-    """A mobile tracker's POST of ``events`` of ``device``, as the collector writes it: a
-    ``CollectorPayload`` whose body is a ``payload_data`` of the events, received when the
-    last of them was sent, with the device's network user id cookie."""
-    body = orjson.dumps({"schema": collector.PAYLOAD_DATA_SCHEMA, "data": events}).decode()
-    payload = collector.CollectorPayload(
-        ip_address="203.0.113.7",
-        timestamp=int(events[-1]["stm"]),
-        encoding="UTF-8",
-        collector="ssc-3.2.0-kafka",
-        user_agent="Snowplow/ReactNative",
-        path=collector.TP2_PATH,
-        body=body,
-        headers=("Host: collector.example.com", "Content-Type: application/json; charset=UTF-8"),
-        content_type="application/json; charset=UTF-8",
-        hostname="collector.example.com",
-        network_user_id=str(uuid.uuid5(uuid.NAMESPACE_URL, device)),
-    )
-    return collector.encode(payload)
 
 
 def returning(traffic: generate.Traffic, count: int, after_ms: int) -> list[Payload]:

@@ -226,41 +226,48 @@ def enriched_record(device: str, event: Mapping[str, str]) -> bytes:
     return "\t".join(columns.get(field, "") for field in FIELDS).encode()
 
 
-def collector_requests(traffic: Traffic) -> Iterator[tuple[bytes, bytes]]:
-    """The traffic as Snowplow's collector writes it to Kafka: each device's events in POST
-    requests of up to 10 (a request is sent early now and then, as trackers flush on a
-    timer), every event with ``duid`` set to its device, each request a Thrift
-    ``CollectorPayload`` keyed by a random id."""
+def collector_request(device: str, events: list[dict[str, str]]) -> bytes:
+    """A mobile tracker's POST of ``events`` of ``device``, as the collector writes it: a
+    ``CollectorPayload`` whose body is a ``payload_data`` of the events, received when the
+    last of them was sent, with the device's network user id cookie."""
     from enricher.codecs import collector
 
+    body = orjson.dumps({"schema": collector.PAYLOAD_DATA_SCHEMA, "data": events}).decode()
+    payload = collector.CollectorPayload(
+        ip_address="203.0.113.7",
+        timestamp=int(events[-1]["stm"]),
+        encoding="UTF-8",
+        collector="ssc-3.2.0-kafka",
+        user_agent="Snowplow/ReactNative",
+        path=collector.TP2_PATH,
+        body=body,
+        headers=("Host: collector.example.com", "Content-Type: application/json; charset=UTF-8"),
+        content_type="application/json; charset=UTF-8",
+        hostname="collector.example.com",
+        network_user_id=str(uuid.uuid5(uuid.NAMESPACE_URL, device)),
+    )
+    return collector.encode(payload)
+
+
+def collector_requests(traffic: Traffic) -> Iterator[tuple[bytes, bytes]]:
+    """The traffic as Snowplow's collector writes it to Kafka: each device's events in POST
+    requests of up to 10 (:func:`collector_request`; a request is sent early now and then, as
+    trackers flush on a timer), every event with ``duid`` set to its device, each request
+    keyed by a random id."""
     rng = random.Random(traffic.seed + 1)
     pending: dict[str, list[dict[str, str]]] = {}
 
-    def request(events: list[dict[str, str]]) -> tuple[bytes, bytes]:
-        body = orjson.dumps({"schema": collector.PAYLOAD_DATA_SCHEMA, "data": events}).decode()
-        payload = collector.CollectorPayload(
-            ip_address=f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
-            timestamp=int(events[-1]["stm"]),
-            encoding="UTF-8",
-            collector="ssc-3.2.0-kafka",
-            user_agent="Snowplow/Mobile",
-            path=collector.TP2_PATH,
-            body=body,
-            headers=("Host: collector.example.com", "Content-Type: application/json"),
-            content_type="application/json; charset=UTF-8",
-            hostname="collector.example.com",
-            network_user_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        )
+    def request(device: str) -> tuple[bytes, bytes]:
         key = str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode()
-        return key, collector.encode(payload)
+        return key, collector_request(device, pending.pop(device))
 
     for device, event in events(traffic):
         batch = pending.setdefault(device, [])
         batch.append({**event, "duid": device})
         if len(batch) == 10 or rng.random() < 0.2:
-            yield request(pending.pop(device))
-    for batch in pending.values():
-        yield request(batch)
+            yield request(device)
+    for device in list(pending):
+        yield request(device)
 
 
 def produce(

@@ -18,9 +18,12 @@ plain asserts.)
 from __future__ import annotations
 
 import json
+import random
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from feeding import Input
 from instances import Fleet, Instance
 from progress import Progress
 from reference import client_session
@@ -119,3 +122,16 @@ def stop(instances: list[Instance]) -> None:
     for instance in instances:
         if instance.running:
             assert instance.stop() == 0, instance.tail()
+
+
+def keyed_at_random(
+    items: Sequence[tuple[str, dict[str, str]]], seed: int
+) -> tuple[list[Input], dict[str, str]]:
+    """The events as JSON records keyed by random UUIDs, each with ``duid`` its device; and
+    each event id's device."""
+    rng = random.Random(seed)
+    messages = [
+        Input(uuid.UUID(int=rng.getrandbits(128)).bytes, tracker.dump({**event, "duid": device}))
+        for device, event in items
+    ]
+    return messages, {event["eid"]: device for device, event in items}

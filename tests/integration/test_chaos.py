@@ -11,20 +11,25 @@ from __future__ import annotations
 import random
 import re
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from feeding import Feeder, Input, as_messages, produce_input, traffic
+from feeding import Feeder, as_messages, produce_input, traffic
 from instances import Fleet, Instance, wait_for
 from progress import Progress
 from reconcile import reconcile
 from reference import BatchReference, check_output, read_all
-from rekeyed import by_device, check, expected_sessions, json_event, stop, wait_done
+from rekeyed import (
+    by_device,
+    check,
+    expected_sessions,
+    json_event,
+    keyed_at_random,
+    stop,
+    wait_done,
+)
 from service_settings import service_env
 from stack import Stack, TopicSet
-
-from enricher.codecs import tracker
 
 pytest_plugins = ["instances"]
 pytestmark = pytest.mark.integration
@@ -240,13 +245,7 @@ def test_the_rekeying_hop_loses_and_duplicates_nothing_when_instances_are_sigkil
 ) -> None:
     """Input keyed at random, the device in each event: both hops under SIGKILL. The
     reference is the engine on each device's events in the order the hop wrote them."""
-    items = traffic(40_000, 4_000, seed=93)
-    rng = random.Random(93)
-    devices = {event["eid"]: device for device, event in items}
-    messages = [
-        Input(uuid.UUID(int=rng.getrandbits(128)).bytes, tracker.dump({**event, "duid": device}))
-        for device, event in items
-    ]
+    messages, devices = keyed_at_random(traffic(40_000, 4_000, seed=93), seed=93)
     topics = stack.new_topics("rekey-chaos", partitions=6)
     env = chaos_env(stack, topics, ENRICHER_DEVICE_ID="duid")
     progress = Progress(stack, env["ENRICHER_GROUP_ID"], topics.input)

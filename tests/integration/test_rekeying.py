@@ -30,6 +30,7 @@ from rekeyed import (
     env_for,
     expected_sessions,
     json_event,
+    keyed_at_random,
     stop,
     wait_done,
 )
@@ -45,12 +46,7 @@ PARTITIONS = 6
 
 def test_json_events_keyed_at_random_are_enriched_by_their_duid(stack: Stack, fleet: Fleet) -> None:
     items = traffic(20_000, 2_000, seed=91)
-    rng = random.Random(91)
-    devices = {event["eid"]: device for device, event in items}
-    messages = [
-        Input(uuid.UUID(int=rng.getrandbits(128)).bytes, tracker.dump({**event, "duid": device}))
-        for device, event in items
-    ]
+    messages, devices = keyed_at_random(items, seed=91)
     no_device = {**items[0][1], "eid": str(uuid.UUID(int=1))}
     missing = Input(b"random", tracker.dump(no_device))
     topics = stack.new_topics("rekey", partitions=PARTITIONS)

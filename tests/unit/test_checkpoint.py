@@ -1,8 +1,8 @@
 """The commit protocol of one batch (:mod:`enricher.checkpoint`), with no broker and no Redis:
-the fakes of ``protocol_world.py`` (a transactional producer, a consumer, the store over dicts),
-and input built from the tracker protocol, so the expected output comes from the rules, not from
-the code under test: file mode (:mod:`enricher.batch`) or the :class:`Enricher` alone on the
-same events.
+the fakes of ``protocol_world.py`` and ``memory_store.py`` (a transactional producer, a
+consumer, the store over dicts), and input built from the tracker protocol, so the expected
+output comes from the rules, not from the code under test: file mode (:mod:`enricher.batch`)
+or the :class:`Enricher` alone on the same events.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from unittest.mock import MagicMock
 import pytest
 import redis
 from confluent_kafka import KafkaError, KafkaException, Producer
+from memory_store import InMemoryStore
 from protocol_world import (
     BATCH_1,
     BATCH_2,
@@ -25,7 +26,6 @@ from protocol_world import (
     LATENESS_MS,
     MAX_BYTES,
     TOPICS,
-    InMemoryStore,
     Produced,
     World,
     as_unavailable,

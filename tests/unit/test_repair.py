@@ -12,6 +12,7 @@ import pytest
 from confluent_kafka import KafkaError, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from memory_store import InMemoryStore
 from protocol_world import (
     BATCH_1,
     BATCH_2,
@@ -21,7 +22,6 @@ from protocol_world import (
     LATENESS_MS,
     MAX_BYTES,
     TOPICS,
-    InMemoryStore,
     World,
     message,
 )
@@ -31,7 +31,7 @@ from enricher.checkpoint import Checkpoint, Status
 from enricher.collaborators import OwnedPartition
 from enricher.intake import InputMessage
 from enricher.records import LATEST
-from enricher.repair import Discard, Plan, Reader, Repair, plan
+from enricher.repair import Discard, Plan, Reader, Repair, Run, plan
 from enricher.session import SessionState
 from enricher.session_ends import BatchSessionEnds, NoSessionEnds, SessionEnds
 from enricher.store import Fenced, StateLost
@@ -186,6 +186,30 @@ def ends_for(on: bool) -> BatchSessionEnds:
     return SessionEnds(LATENESS_MS) if on else NoSessionEnds()
 
 
+def replayer(world: World, ends: bool) -> Run:
+    """What the service runs a repair's chunk with: the checkpoint, publishing nothing."""
+
+    def run(messages: list[InputMessage], into: OwnedPartition, reader: Reader) -> None:
+        checkpoint = Checkpoint(
+            messages,
+            output=Discard(),
+            consumer=reader,
+            store=world.store,
+            decode=world.decode,
+            enricher=ENRICHER,
+            encode=CODECS.encode,
+            encode_session=CODECS.encode_session,
+            owned={messages[0].partition: into},
+            session_ends=ends_for(ends),
+            topics=TOPICS,
+            max_message_bytes=MAX_BYTES,
+        )
+        checkpoint.run()
+        assert checkpoint.status is Status.COMMITTED
+
+    return run
+
+
 def repair(
     world: World, partitions: Sequence[int], records: Sequence[InputMessage], chunk: int, ends: bool
 ) -> list[Repair]:
@@ -202,24 +226,6 @@ def repair(
         if needed is None:
             continue
 
-        def run(messages: list[InputMessage], into: OwnedPartition, reader: Reader) -> None:
-            checkpoint = Checkpoint(
-                messages,
-                output=Discard(),
-                consumer=reader,
-                store=store,
-                decode=world.decode,
-                enricher=ENRICHER,
-                encode=CODECS.encode,
-                encode_session=CODECS.encode_session,
-                owned={messages[0].partition: into},
-                session_ends=ends_for(ends),
-                topics=TOPICS,
-                max_message_bytes=MAX_BYTES,
-            )
-            checkpoint.run()
-            assert checkpoint.status is Status.COMMITTED
-
         replayed: list[int] = []
         job = Repair(
             needed,
@@ -227,7 +233,7 @@ def repair(
             topic=TOPICS.input,
             reader=TopicReader(records),
             store=store,
-            run=run,
+            run=replayer(world, ends),
             chunk_size=chunk,
             replayed=replayed.append,
         )
@@ -309,22 +315,6 @@ def test_a_repair_is_fenced_like_a_batch() -> None:
     assert needed is not None
     store.fence([0], now_ms=10**13)  # a new owner
 
-    def run(messages: list[InputMessage], into: OwnedPartition, reader: Reader) -> None:
-        Checkpoint(
-            messages,
-            output=Discard(),
-            consumer=reader,
-            store=store,
-            decode=world.decode,
-            enricher=ENRICHER,
-            encode=CODECS.encode,
-            encode_session=CODECS.encode_session,
-            owned={0: into},
-            session_ends=NoSessionEnds(),
-            topics=TOPICS,
-            max_message_bytes=MAX_BYTES,
-        ).run()
-
     records = [message(0, offset, "dev-z", offset, offset) for offset in range(15, 30)]
     job = Repair(
         needed,
@@ -332,7 +322,7 @@ def test_a_repair_is_fenced_like_a_batch() -> None:
         topic=TOPICS.input,
         reader=TopicReader(records),
         store=store,
-        run=run,
+        run=replayer(world, ends=False),
         chunk_size=5,
         replayed=lambda _: None,
     )
