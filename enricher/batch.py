@@ -12,6 +12,7 @@ dead-letter topic; it goes to ``OUTPUT.errors.jsonl`` and the run goes on.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -30,6 +31,8 @@ from enricher.errors import BadInput
 from enricher.session import SessionState
 
 CHUNK_SIZE = 1000
+WRITE_BUFFER_BYTES = 1 << 20
+"""The output file's buffer: a system call per megabyte, not per 8 KiB (about 20 lines)"""
 ERROR_RECORD_BYTES = 64 * 1024
 """At most this much of a bad record's original is copied into its error record; ``size`` and
 ``sha256`` still describe the whole (a 50 MB line must not become a 150 MB error record)."""
@@ -67,7 +70,10 @@ class UnusableFile(Exception):
 class StateStore(Protocol):
     """Where file mode keeps device state between chunks."""
 
-    def load(self, devices: set[str]) -> dict[str, SessionState]: ...
+    def load(self, devices: set[str]) -> dict[str, SessionState]:
+        """The stored states of ``devices`` (the dict may hold others too); the chunk writes
+        its new states into it, then hands them to :meth:`save`."""
+        ...
 
     def save(self, states: dict[str, SessionState]) -> None: ...
 
@@ -79,10 +85,10 @@ class MemoryStore:
         self.states: dict[str, SessionState] = {}
 
     def load(self, devices: set[str]) -> dict[str, SessionState]:
-        return {d: self.states[d] for d in devices if d in self.states}
+        return self.states
 
     def save(self, states: dict[str, SessionState]) -> None:
-        self.states.update(states)
+        """Nothing to do: the chunk wrote its states into the dict :meth:`load` gave it."""
 
 
 @dataclass(slots=True)
@@ -104,16 +110,19 @@ class Summary:
 
 
 class _Item(NamedTuple):
-    """One input record: decoded, or the reason it could not be, or a blank line. (A named
-    tuple: one is built per record.)"""
+    """A bad record: where it was, the record itself, and why it is bad."""
 
     position: int
-    original: bytes | dict[str, Any] | None
-    """the line's bytes (without its end), or the Avro record"""
-    key: str | None = None
-    event: tracker.TrackerEvent | None = None
-    error: BadInput | None = None
-    blank: bool = False
+    original: bytes | dict[str, Any]
+    """the line's bytes (its end included), or the Avro record"""
+    error: BadInput
+
+
+Decoded = tuple[str, tracker.TrackerEvent] | BadInput | None
+"""A record decoded: its device and event, the reason it is bad, or None for a blank line"""
+Read = tuple[int, bytes | dict[str, Any], Decoded]
+"""One input record: its position, the record itself, and what it decoded to. (A plain
+tuple: one is built per record.)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,19 +149,14 @@ def run(
     errors_path = target.with_name(target.name + ".errors.jsonl")
     keyed = device_id is None or device_id.only_key
     with ExitStack() as files:
-        reader = _reader(source, files, keyed)
+        chunks = _reader(source, files, keyed)
         if device_id is not None and not keyed:
-            reader = _by_device(reader, device_id)
+            chunks = (_by_device(chunk, device_id) for chunk in chunks)
         errors = files.enter_context(errors_path.open("wb"))
-        chunks = _Chunks(enricher, store, _writer(target, files), errors, bound)
-        chunk: list[_Item] = []
-        for item in reader:
-            chunk.append(item)
-            if len(chunk) == CHUNK_SIZE:
-                chunks.process(chunk)
-                chunk = []
-        chunks.process(chunk)
-    return chunks.summary
+        enrichment = _Chunks(enricher, store, _writer(target, files), errors, bound)
+        for chunk in chunks:
+            enrichment.process(chunk)
+    return enrichment.summary
 
 
 class _Chunks:
@@ -173,27 +177,27 @@ class _Chunks:
         self.bound = bound
         self.summary = Summary()
 
-    def process(self, chunk: list[_Item]) -> None:
+    def process(self, chunk: list[Read]) -> None:
         summary = self.summary
-        states = self.store.load({item.key for item in chunk if item.key is not None})
+        states = self.store.load({d[0] for _, _, d in chunk if d.__class__ is tuple})
         changed: dict[str, SessionState] = {}
         enrich, encode, write = self.enricher.enrich, self.output.encode, self.output.write
         reference_ms, max_ahead_ms = self.bound.reference_ms, self.bound.max_ahead_ms
         devices = summary.devices
         events = sessions = 0
-        for item in chunk:
-            key, event = item.key, item.event
-            if key is None or event is None:
-                if item.blank:
+        for position, original, decoded in chunk:
+            if decoded.__class__ is not tuple:
+                if decoded is None:
                     summary.blank += 1
                 else:
-                    self.error(item)
+                    self.error(_Item(position, original, decoded))  # type: ignore[arg-type]
                 continue
+            key, event = decoded
             if reference_ms > 0 and event.time_ms - reference_ms > max_ahead_ms:
                 try:
                     check_not_ahead(event.time_ms, reference_ms, max_ahead_ms)
                 except BadInput as error:
-                    self.error(item._replace(error=error))
+                    self.error(_Item(position, original, error))
                     continue
             step, enriched = enrich(key, states.get(key), event)
             try:
@@ -201,7 +205,7 @@ class _Chunks:
             except (ValueError, TypeError, OverflowError) as error:
                 # As the service does: the event is dead-lettered and leaves no state behind.
                 detail = f"{type(error).__name__}: {error}"
-                self.error(item._replace(error=BadInput("not_encodable", detail)))
+                self.error(_Item(position, original, BadInput("not_encodable", detail)))
                 continue
             states[key] = changed[key] = step.state
             events += 1
@@ -227,7 +231,7 @@ def _error_record(item: _Item) -> bytes:
     assert item.error is not None
     record: Any
     if isinstance(item.original, bytes):
-        original = item.original
+        original = item.original.rstrip(b"\r\n")
         record = _head(original).decode("utf-8", "replace")
     else:
         original = _utf8(json.dumps(item.original, ensure_ascii=False))
@@ -274,43 +278,49 @@ def _is_avro(path: Path) -> bool:
     return path.suffix == ".avro"
 
 
-def _by_device(items: Iterator[_Item], device_id: DeviceId) -> Iterator[_Item]:
-    """The items with each event's device as its key (or the reason it has none)."""
-    for item in items:
-        if item.event is None:
-            yield item
-            continue
-        try:
-            device = device_id(None if item.key is None else item.key.encode(), item.event)
-        except BadInput as error:
-            yield item._replace(key=None, event=None, error=error)
-        else:
-            yield item._replace(key=device)
+def _by_device(chunk: list[Read], device_id: DeviceId) -> list[Read]:
+    """The records with each event's device as its key (or the reason it has none)."""
+    found: list[Read] = []
+    for position, original, decoded in chunk:
+        keyed: Decoded = decoded
+        if decoded.__class__ is tuple:
+            key, event = decoded
+            try:
+                keyed = device_id(None if key is None else key.encode(), event), event
+            except BadInput as error:
+                keyed = error
+        found.append((position, original, keyed))
+    return found
 
 
-def _reader(path: Path, files: ExitStack, keyed: bool) -> Iterator[_Item]:
+def _reader(path: Path, files: ExitStack, keyed: bool) -> Iterator[list[Read]]:
+    """The input's records, decoded, in chunks of :data:`CHUNK_SIZE`."""
     if _is_avro(path):
         stream = files.enter_context(path.open("rb"))
         try:
             records = fastavro.reader(stream, RAW_FILE_SCHEMA)
         except (ValueError, EOFError, SchemaResolutionError) as error:
             raise UnusableFile(f"{path}: not an Avro file of raw events: {error}") from None
-        return _avro_items(path, records, keyed)
-    return _json_items(files.enter_context(path.open("rb")), keyed)
+        return _avro_reads(path, records, keyed)
+    return _json_reads(files.enter_context(path.open("rb")), keyed)
 
 
-def _json_items(lines: IO[bytes], keyed: bool) -> Iterator[_Item]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            yield _Item(number, None, blank=True)
-            continue
-        original = line.rstrip(b"\r\n")
-        try:
-            key, event = decode_line(original, keyed=keyed)
-        except BadInput as error:
-            yield _Item(number, original, error=error)
-        else:
-            yield _Item(number, original, key, event)
+def _json_reads(stream: IO[bytes], keyed: bool) -> Iterator[list[Read]]:
+    """Each line decoded, kept as it was read (end of line included); a blank one decodes to
+    None."""
+    position = 0
+    while lines := list(itertools.islice(stream, CHUNK_SIZE)):
+        chunk: list[Read] = []
+        for line in lines:
+            position += 1
+            if line.isspace():
+                chunk.append((position, line, None))
+                continue
+            try:
+                chunk.append((position, line, decode_line(line, keyed=keyed)))  # type: ignore[arg-type]
+            except BadInput as error:
+                chunk.append((position, line, error))
+        yield chunk
 
 
 def decode_line(line: bytes, *, keyed: bool = True) -> tuple[str | None, tracker.TrackerEvent]:
@@ -347,31 +357,37 @@ def decode_line(line: bytes, *, keyed: bool = True) -> tuple[str | None, tracker
     return key, tracker.from_fields(record.get("event"), unicode=unicode)
 
 
-def _avro_items(path: Path, records: Iterator[Any], keyed: bool) -> Iterator[_Item]:
-    number = 0
+def _avro_reads(path: Path, records: Iterator[Any], keyed: bool) -> Iterator[list[Read]]:
+    position = 0
+    chunk: list[Read] = []
     while True:
         try:
             record = next(records)
         except StopIteration:
-            return
+            break
         except (ValueError, EOFError, SchemaResolutionError) as error:
-            raise UnusableFile(f"{path}: unreadable after record {number}: {error}") from None
-        number += 1
+            raise UnusableFile(f"{path}: unreadable after record {position}: {error}") from None
+        position += 1
+        decoded: Decoded
         try:
             if keyed and not record["key"]:
                 raise BadInput("missing_key", "no device id in 'key'")
-            yield _Item(
-                number, record, record["key"], tracker.from_fields(record["event"]["payload"])
-            )
+            decoded = record["key"], tracker.from_fields(record["event"]["payload"])
         except BadInput as error:
-            yield _Item(number, record, error=error)
+            decoded = error
+        chunk.append((position, record, decoded))
+        if len(chunk) == CHUNK_SIZE:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _writer(path: Path, files: ExitStack) -> _Output:
     if _is_avro(path):
         stream = files.enter_context(path.open("wb"))
         return files.enter_context(_AvroWriter(stream))
-    return _JsonLinesWriter(files.enter_context(path.open("wb")))
+    return _JsonLinesWriter(files.enter_context(path.open("wb", buffering=WRITE_BUFFER_BYTES)))
 
 
 class _JsonLinesWriter:
@@ -381,7 +397,7 @@ class _JsonLinesWriter:
         self._stream = stream
 
     def encode(self, key: str, enriched: Enriched) -> bytes:
-        return tracker.dump({"key": key, "event": enriched.fields()}) + b"\n"
+        return tracker.dump({"key": key, "event": enriched.fields()}, line=True)
 
     def write(self, encoded: bytes) -> None:
         self._stream.write(encoded)

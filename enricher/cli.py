@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from enricher import __version__, app, config
+from enricher import __version__, app, config, gc_tuning
 
 
 def _session_flags(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +87,7 @@ def _batch(args: argparse.Namespace) -> int:
     else:
         store = batch.MemoryStore()
     reference_ms = args.reference_time
+    gc_tuning.tune()
     if reference_ms is None:
         reference_ms = int(time.time() * 1000)
     bound = batch.TimeBound(reference_ms, round(settings.max_event_ahead * 1000))

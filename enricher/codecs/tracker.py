@@ -258,12 +258,13 @@ def merge_entities(
     return [c for c in existing if schema_family(c.get("schema")) not in ours] + entities
 
 
-def dump(fields: Mapping[str, Any]) -> bytes:
-    """Compact, deterministic JSON bytes of a flat object of strings."""
+def dump(fields: Mapping[str, Any], *, line: bool = False) -> bytes:
+    """Compact, deterministic JSON bytes of a flat object of strings; a ``line`` ends in a
+    newline (written by orjson with the rest: no copy to append it)."""
     try:
-        return orjson.dumps(fields)
+        return orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE if line else None)
     except orjson.JSONEncodeError:  # a lone surrogate
-        return _utf8(_compact(fields))
+        return _utf8(_compact(fields)) + b"\n" if line else _utf8(_compact(fields))
 
 
 def _compact(value: object) -> str:

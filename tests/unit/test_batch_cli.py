@@ -626,5 +626,6 @@ def test_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
         f"events={large} devices={DEVICES} sessions={DEVICES} errors=0 blank=0"
     )
     assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
-    # Far below what holding the output would take.
-    assert large_peak < (tmp_path / f"out-{large}.jsonl").stat().st_size / 4
+    # Far below what holding the output would take, beyond the output file's fixed buffer.
+    output_size = (tmp_path / f"out-{large}.jsonl").stat().st_size
+    assert large_peak < output_size / 4 + batch.WRITE_BUFFER_BYTES
