@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaException
 
-from enricher import rekey
+from enricher import gc_tuning, rekey
 from enricher.config import ConfigError, Settings
 from enricher.devices import DeviceId, sources_for
 from enricher.enrich import Enricher, EntityOptions
@@ -99,6 +99,7 @@ def run_service(settings: Settings) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     metrics = Metrics()
     codecs = factory.codecs(settings)
+    gc_tuning.tune()
     device_id = DeviceId(sources_for(settings.device_id, settings.input_format))
     hop = settings.input_format == "snowplow-collector" or not device_id.only_key
     enrich_settings = settings

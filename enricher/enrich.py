@@ -92,8 +92,10 @@ class Enriched:
             and not options.lifecycle_context
             and not self.anonymous
         ):
-            prepared = client_session_contexts(self.state, self.storage_mechanism)
-            return tracker.with_entities(event, [], unicode=unicode, prepared=prepared)
+            # with_entities' result, without its call: the fields with the prepared co.
+            fields = dict(event.fields)
+            fields["co"] = client_session_contexts(self.state, self.storage_mechanism)
+            return fields
         return tracker.with_entities(event, self.entities, unicode=unicode)
 
     @property

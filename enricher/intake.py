@@ -6,8 +6,9 @@ or the :class:`~enricher.errors.BadInput` that sends the message to the dead-let
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 from confluent_kafka import Message
 
@@ -33,17 +34,25 @@ class InputMessage(NamedTuple):
 
     @classmethod
     def of(cls, message: Message) -> InputMessage:
-        headers = message.headers()
-        key, value = message.key(), message.value()
-        return cls(
-            message.topic() or "",
-            message.partition() or 0,
-            message.offset() or 0,
-            key.encode() if isinstance(key, str) else key,
-            value.encode() if isinstance(value, str) else value,
-            list(headers.items()) if isinstance(headers, dict) else headers,
-            message.timestamp()[1],
+        """The parts of a message as a consumer without deserializers hands them over (bytes
+        or None for the key and value; a list or None for the headers), built in C: the
+        named tuple's own constructor is a Python function, and one is built per message."""
+        return _new_message(
+            (
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                message.key(),
+                message.value(),
+                message.headers(),
+                message.timestamp()[1],
+            )
         )
+
+
+_new_message = cast(
+    Callable[[tuple[Any, ...]], InputMessage], functools.partial(tuple.__new__, InputMessage)
+)
 
 
 class MessageDecoder:

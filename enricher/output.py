@@ -149,15 +149,25 @@ class Output:
         None): the enriched record of every event goes this way."""
         on_delivery = None if source is None else functools.partial(self._undelivered_from, source)
         try:
-            produce_waiting(
-                self.producer,
-                topic,
-                value=value,
-                key=key,
-                headers=headers,
-                timestamp=timestamp_ms,
-                on_delivery=on_delivery,
-            )
+            try:
+                self.producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    timestamp=timestamp_ms,
+                    on_delivery=on_delivery,
+                )
+            except BufferError:
+                produce_waiting(
+                    self.producer,
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    timestamp=timestamp_ms,
+                    on_delivery=on_delivery,
+                )
         except KafkaException as error:
             if error.args[0].code() not in UNPRODUCIBLE:
                 raise

@@ -21,10 +21,11 @@ that mark, since an event that joins a session proves it was still going.
 from __future__ import annotations
 
 import enum
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 from enricher.ids import IdDeriver
 
@@ -169,14 +170,21 @@ class Step(NamedTuple):
     started: StartCause | None
 
 
+_new_step = cast(Callable[[tuple[Any, ...]], Step], functools.partial(tuple.__new__, Step))
+"""builds a :class:`Step` in C (the named tuple's own constructor is a Python function)"""
+
+
 class SessionEngine:
     """Applies the session rules for one configuration."""
 
-    __slots__ = ("_ids", "config")
+    __slots__ = ("_app_timeouts", "_ids", "_timeouts", "config")
 
     def __init__(self, config: SessionConfig) -> None:
         self.config = config
         self._ids = IdDeriver(config.salt)
+        self._timeouts = config.timeouts
+        self._app_timeouts = config.app_timeouts or None
+        """None when no app has timeouts of its own: the usual case skips the lookup"""
 
     def advance(
         self,
@@ -194,12 +202,9 @@ class SessionEngine:
         Builds exactly one new state (positionally: this runs once per event)."""
         event_id, time_ms, lifecycle = event.event_id, event.time_ms, event.lifecycle
         app_id = event.app_id
-        config = self.config
-        timeouts = (
-            config.app_timeouts.get(app_id, config.timeouts)
-            if app_id is not None
-            else config.timeouts
-        )
+        timeouts = self._timeouts
+        if self._app_timeouts is not None and app_id is not None:
+            timeouts = self._app_timeouts.get(app_id, timeouts)
         if state is None:
             # Rules 3 and 4 on a fresh session 1 (not in the background, no transitions).
             background = lifecycle is Lifecycle.BACKGROUND
@@ -283,4 +288,4 @@ class SessionEngine:
         )
         if started is None:
             new.formatted = state.formatted
-        return Step(new, started)
+        return _new_step((new, started))

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple, cast
 
 import orjson
 
@@ -45,7 +46,7 @@ _CONTEXTS_FIELDS: tuple[ContextsField, ...] = ("co", "cx")
 # A JSON number with a fraction or an exponent, or of 19 digits or more, is in the text (or
 # the inside of a string merely looks so: then the standard library reads it, never wrongly).
 _INEXACT_NUMBER = re.compile(r"[:\[,]\s*-?[0-9]+(?:[.eE]|[0-9]{18})")
-_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_is_uuid = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}").fullmatch
 _MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant ISO-8601 can write
 _TIMESTAMP_FIELDS = ("dtm", "ttm", "stm")
 MAX_DEPTH = 254
@@ -90,6 +91,13 @@ class TrackerEvent(NamedTuple):
     @property
     def facts(self) -> EventFacts:
         return EventFacts(self.event_id, self.time_ms, self.lifecycle, self.app_id)
+
+
+_new_event = cast(
+    Callable[[tuple[Any, ...]], TrackerEvent], functools.partial(tuple.__new__, TrackerEvent)
+)
+"""builds an event from all its fields in order, in C: the named tuple's own constructor is a
+Python function, and one event is built per input record"""
 
 
 def decode(data: bytes) -> TrackerEvent:
@@ -150,7 +158,7 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
     event_id = fields.get("eid")
     if not event_id:
         raise BadInput("missing_event_id", "no 'eid' field")
-    if not _UUID.fullmatch(event_id):
+    if not _is_uuid(event_id):
         raise BadInput("invalid_event_id", f"'eid' is not a UUID: {event_id[:64]!r}")
 
     # Both co and cx: the contexts of both (co's first), written back to co alone.
@@ -166,8 +174,8 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
                 contexts_field = contexts_field or field
 
     lifecycle: Lifecycle | None = None
-    if "ue_pr" in fields or "ue_px" in fields:
-        raw = fields.get("ue_pr")
+    raw = fields.get("ue_pr")
+    if raw is not None or "ue_px" in fields:
         # What _json_field does, without its calls, for the usual ue_pr: read by orjson, and
         # with too few brackets to be too deep. Every other case through _json_field.
         unstruct: Any = _UNREAD
@@ -180,10 +188,11 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
             name = "ue_pr" if raw is not None else "ue_px"
             unstruct, _ = _json_field(fields, name, "invalid_ue", exact=False)
         inner = unstruct.get("data") if isinstance(unstruct, dict) else None
-        if not isinstance(inner, dict) or not isinstance(inner.get("schema"), str):
+        schema = inner.get("schema") if isinstance(inner, dict) else None
+        if not isinstance(schema, str):
             raise BadInput("invalid_ue", "self-describing event has no data.schema")
         if fields.get("e") == "ue":
-            lifecycle = LIFECYCLE_SCHEMAS.get(inner["schema"])
+            lifecycle = LIFECYCLE_SCHEMAS.get(schema)
 
     # Rule 6's usual case inline: a valid device-created time.
     text = fields.get("dtm")
@@ -194,15 +203,20 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
     else:
         time_ms = _event_time(fields)
 
-    return TrackerEvent(
-        fields,
-        event_id,
-        time_ms,
-        lifecycle,
-        fields.get("aid"),
-        contexts,
-        contexts_field,
-        exact,
+    # Every field in order, the envelope and the anonymous flag as the tracker protocol has them.
+    return _new_event(
+        (
+            fields,
+            event_id,
+            time_ms,
+            lifecycle,
+            fields.get("aid"),
+            contexts,
+            contexts_field,
+            exact,
+            None,
+            False,
+        )
     )
 
 
@@ -216,7 +230,6 @@ def with_entities(
     entities: list[SelfDescribing],
     *,
     unicode: bool = False,
-    prepared: str | None = None,
 ) -> dict[str, str]:
     """The event's fields with ``entities`` added to its contexts, in the input's encoding
     (an event with both ``co`` and ``cx`` gets them merged into ``co``, and no ``cx``).
@@ -224,15 +237,7 @@ def with_entities(
     The contexts may hold lone surrogates (JSON escapes can write them): in ``co`` they stay
     characters, which :func:`dump` writes back as the same escapes, unless ``unicode`` asks
     for Unicode text (an Avro string must be), where they are written as JSON escapes
-    inside ``co``: the same JSON value.
-
-    ``prepared``, for an event without contexts, is the ``co`` JSON of ``entities`` made
-    already (:func:`enricher.entities.client_session_contexts`); ``entities`` is then not
-    read."""
-    if prepared is not None and event.contexts_field is None:
-        out = dict(event.fields)
-        out["co"] = prepared
-        return out
+    inside ``co``: the same JSON value."""
     if not entities:
         return event.fields
     envelope = {"schema": CONTEXTS_SCHEMA, "data": merge_entities(event.contexts, entities)}

@@ -39,9 +39,8 @@ from support import (
 )
 
 from enricher import batch
-from enricher.codecs import tracker
 from enricher.codecs.tracker import MAX_DEPTH
-from enricher.enrich import Enricher
+from enricher.enrich import Enriched, Enricher
 from enricher.session import SessionConfig, SessionEngine
 
 SEED_DEVICE = "seed-device"
@@ -374,14 +373,14 @@ def test_an_event_that_cannot_be_encoded_is_an_error_and_leaves_no_state(
 ) -> None:
     """Whatever the encoder refuses is the event's fault, as in the service: a `not_encodable`
     error record, the device's state as if the event never came, and the run goes on."""
-    real = tracker.with_entities
+    real = Enriched.fields
 
-    def refusing(event: tracker.TrackerEvent, *args: Any, **kwargs: Any) -> Fields:
-        if event.facts.event_id == event_id(2):
+    def refusing(enriched: Enriched, *args: Any, **kwargs: Any) -> Fields:
+        if enriched.event.event_id == event_id(2):
             raise TypeError("Recursion limit reached")
-        return real(event, *args, **kwargs)
+        return real(enriched, *args, **kwargs)
 
-    monkeypatch.setattr(tracker, "with_entities", refusing)
+    monkeypatch.setattr(Enriched, "fields", refusing)
     source, target = tmp_path / "in.jsonl", tmp_path / output
     write_jsonl(source, [("d", tracker_event(event_id(n), START_MS + n)) for n in (1, 2, 3)])
     enricher = Enricher(SessionEngine(SessionConfig(salt="s")))
