@@ -4,9 +4,9 @@
 reads (``{"key": ..., "event": {...}}`` per line), and for each line decodes it with orjson,
 appends one ``client_session``-shaped entity to the event's ``co`` (parsing the contexts
 already there, if any), and writes the line again with orjson: the same library, the same
-input and output shapes as ``enricher batch``, no validation, no session state, no Kafka. It
-prints ``events=N`` like ``enricher batch``. Batch mode is reported against it: whatever
-``enricher batch`` spends beyond this is its own cost.
+input and output shapes and the same output buffer as ``enricher batch``, no validation, no
+session state, no Kafka. It prints ``events=N`` like ``enricher batch``. Batch mode is
+reported against it: whatever ``enricher batch`` spends beyond this is its own cost.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import orjson
 
+from enricher.batch import WRITE_BUFFER_BYTES
+
 CONTEXTS_SCHEMA = "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-0"
 CLIENT_SESSION_SCHEMA = "iglu:com.snowplowanalytics.snowplow/client_session/jsonschema/1-0-2"
 USER_ID = "0b2f2d4c-6f7e-4a51-9a55-2f1c8f0d6a11"
@@ -28,7 +30,7 @@ def relay(source: Path, target: Path) -> int:
     """Every line of ``source`` with one entity added to its contexts; returns the events."""
     events = 0
     loads, dumps = orjson.loads, orjson.dumps
-    with source.open("rb") as lines, target.open("wb") as out:
+    with source.open("rb") as lines, target.open("wb", buffering=WRITE_BUFFER_BYTES) as out:
         for line in lines:
             if not line.strip():
                 continue
