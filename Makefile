@@ -45,9 +45,12 @@ test: install  ## lint, then the unit tests, then the integration tests against 
 demo: install  ## stack up, sample traffic, the enricher, a session summary, stack down (DEMO_FLAGS=--collector: collector records)
 	ops/demo $(DEMO_FLAGS)
 
-bench: install  ## throughput, latency and Redis cost against a passthrough ceiling (15-25 min)
+# The revision the per-event work is measured against (its `enricher run`, in the same runs).
+BENCH_FLAGS ?= --baseline dfa9046
+
+bench: install  ## throughput, latency and Redis cost against a passthrough ceiling (25-40 min)
 	$(PYTHON) -m pip install -q -e '.[test,bench]'
-	$(PYTHON) -m bench
+	$(PYTHON) -m bench $(BENCH_FLAGS)
 
 stack-up: venv  ## a local Kafka + Redis (prints ENRICHER_* settings)
 	ops/devstack up

@@ -1,12 +1,15 @@
 """``python -m bench``: the whole benchmark, from ``ops/devstack up`` to the results files.
 
-Order: stack up, preload the inputs, then per run the passthrough, ``enricher run``, ``enricher
-run`` with the session events topic, on the collector's records and on JSON keyed at random
-(both through the re-keying hop), ``enricher batch`` and the codec floor (``bench.floor``) in
-turn (interleaved, so that a change in the machine's load hits every mode alike), then one
+Order: stack up, preload the inputs, then per run ``enricher batch`` and the codec floor
+(``bench.floor``), the passthrough, ``enricher run`` (and, with ``--baseline``, the same from
+another revision), ``enricher run`` with the session events topic, on the collector's records,
+on the enriched TSV and on JSON keyed at random (through the re-keying hop) in turn
+(interleaved, so that a change in the machine's load hits every mode alike; batch first, for
+its output is what the comparable streaming modes' output is checked against), then one
 latency run per streaming mode at half of its median rate (the lifecycle variant has none),
 then the state repair of an emptied Redis, then the Redis memory per device. Whatever happens,
-every process it started is stopped and the stack is taken down.
+every process it started is stopped, the stack is taken down and the baseline's worktree
+removed.
 """
 
 from __future__ import annotations
@@ -20,16 +23,28 @@ import signal
 import statistics
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench import latency, measure, report, stack, workload
+from bench import baseline, latency, measure, report, stack, workload
 from bench.children import Children
 from bench.common import REPO, BenchError, say
 from bench.machine import describe
-from bench.results import Batch, Hop, Order, Results, Streaming, StreamRun, Throughput, Window
+from bench.reference import Reference
+from bench.results import (
+    Baseline,
+    Batch,
+    Hop,
+    Order,
+    OutputCheck,
+    Results,
+    Streaming,
+    StreamRun,
+    Throughput,
+    Window,
+)
 from enricher import generate
 from enricher.config import Settings
 
@@ -47,6 +62,8 @@ class Plan:
     latency_seconds: float
     memory_devices: int
     quick: bool
+    baseline: str = ""
+    """a git revision whose ``enricher run`` is measured too (``--baseline``)"""
 
     @property
     def name(self) -> str:
@@ -101,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
         type=_positive,
         help=f"devices for the Redis memory measurement ({FULL.memory_devices:,})",
     )
+    root.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure `enricher run` at this git revision (a worktree of its own) in the"
+        " same runs, and compare its CPU per event with the working tree's",
+    )
     return root
 
 
@@ -108,7 +131,15 @@ def plan_of(args: argparse.Namespace) -> Plan:
     base = QUICK if args.quick else FULL
     chosen = {
         name: getattr(args, name)
-        for name in ("events", "devices", "runs", "seed", "latency_seconds", "memory_devices")
+        for name in (
+            "events",
+            "devices",
+            "runs",
+            "seed",
+            "latency_seconds",
+            "memory_devices",
+            "baseline",
+        )
         if getattr(args, name) is not None
     }
     return Plan(**{**asdict(base), **chosen})
@@ -130,7 +161,24 @@ def _interrupted(signum: int, _: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def measure_all(plan: Plan, children: Children, work: Path) -> Results:
+def checked(
+    lab: measure.Lab, mode: str, index: int, reference: Reference, checks: list[OutputCheck]
+) -> StreamRun:
+    """A throughput run of ``mode`` whose output must be ``enricher batch``'s, byte for byte;
+    the baseline's may differ (it is reported, the run goes on), the working tree's may not."""
+    run, check = measure.checked_run(lab, mode, index, reference)
+    checks.append(check)
+    if not check.matched:
+        why = f"{mode} run {index}: the output is not enricher batch's: {check.difference}"
+        if mode != "baseline":
+            raise BenchError(why)
+        say(f"{why} (the baseline's: reported, not fatal)")
+    return run
+
+
+def measure_all(
+    plan: Plan, children: Children, work: Path, checkout: baseline.Checkout | None
+) -> Results:
     settings = stack.up(STATE_DIR)
     kafka = stack.Kafka(settings["ENRICHER_BOOTSTRAP_SERVERS"])
     redis = stack.Redis(settings["ENRICHER_REDIS_URL"])
@@ -144,9 +192,10 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         work,
         traffic,
         stack.broker_pids(STATE_DIR),
+        checkout,
     )
     kafka.create_topics([*measure.INPUTS.topics(), measure.DLQ_TOPIC])
-    source = work / "events.jsonl"
+    source, batch_output = work / "events.jsonl", work / "batch.out.jsonl"
     preloaded = workload.preload(kafka, measure.INPUTS, traffic, source)
 
     passthrough: list[StreamRun] = []
@@ -158,20 +207,26 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
     orders: list[Order] = []
     batch: list[Window] = []
     floor: list[Window] = []
+    checks: list[OutputCheck] = []
+    baseline_runs: list[StreamRun] = []
     summary = ""
     for index in range(1, plan.runs + 1):
+        window, summary = measure.batch_run(lab, source, index, batch_output)
+        batch.append(window)
+        floor.append(measure.floor_run(lab, source, index))
+        reference = Reference.read(batch_output)
         passthrough.append(measure.throughput_run(lab, "passthrough", index))
-        enricher.append(measure.throughput_run(lab, "enricher", index))
-        sessions.append(measure.throughput_run(lab, "sessions", index))
+        enricher.append(checked(lab, "enricher", index, reference, checks))
+        if checkout is not None:
+            baseline_runs.append(checked(lab, "baseline", index, reference, checks))
+        sessions.append(checked(lab, "sessions", index, reference, checks))
         collector.append(measure.throughput_run(lab, "collector", index))
         enriched.append(measure.throughput_run(lab, "enriched", index))
         run, order = measure.hop_run(lab, index)
         hop.append(run)
         orders.append(order)
-        window, summary = measure.batch_run(lab, source, index)
-        batch.append(window)
-        floor.append(measure.floor_run(lab, source, index))
     source.unlink()
+    batch_output.unlink()
 
     rates = {
         mode: 0.5 * statistics.median(r.window.rate for r in runs)
@@ -210,10 +265,16 @@ def measure_all(plan: Plan, children: Children, work: Path) -> Results:
         floor=Batch(floor, f"events={plan.events}"),
         memory=memory,
         repair=repair,
+        checks=checks,
+        baseline=None
+        if checkout is None
+        else Baseline(
+            baseline_runs, plan.events, preloaded.devices, checkout.revision, checkout.commit
+        ),
     )
 
 
-def run(plan: Plan) -> Results | int:
+def run(plan: Plan, checkout: baseline.Checkout | None) -> Results | int:
     """Prepare, measure, and whatever happens stop every process and take the stack down;
     the results, or an exit status."""
     work, logs = STATE_DIR / "work", STATE_DIR / "logs"
@@ -230,7 +291,7 @@ def run(plan: Plan) -> Results | int:
     children = Children(logs)
     outcome: Results | int
     try:
-        outcome = measure_all(plan, children, work)
+        outcome = measure_all(plan, children, work, checkout)
     except BenchError as error:
         say(f"error: {error}")
         outcome = 1
@@ -254,8 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = plan_of(parser().parse_args(argv))
     signal.signal(signal.SIGTERM, _interrupted)
     try:
-        with exclusive(STATE_DIR.parent / "bench.lock"):
-            outcome = run(plan)
+        with exclusive(STATE_DIR.parent / "bench.lock"), ExitStack() as cleanup:
+            checkout = (
+                cleanup.enter_context(baseline.checkout(plan.baseline)) if plan.baseline else None
+            )
+            outcome = run(plan, checkout)
     except BenchError as error:
         say(f"error: {error}")
         return 1

@@ -15,11 +15,14 @@ from typing import Protocol
 import orjson
 
 from bench import workload
+from bench.baseline import INTERPRETER, Checkout
 from bench.children import Child, Children, cpu_seconds
 from bench.common import BenchError, clean_environment, say
+from bench.reference import Reference
 from bench.results import (
     Memory,
     Order,
+    OutputCheck,
     RedisUse,
     StreamRun,
     Window,
@@ -46,11 +49,13 @@ STREAMING_ARGV = {
     "collector": [sys.executable, "-m", "enricher", "run"],
     "hop": [sys.executable, "-m", "enricher", "run"],
     "enriched": [sys.executable, "-m", "enricher", "run"],
+    "baseline": [*INTERPRETER, "-m", "enricher", "run"],
 }
 """``sessions``: ``enricher run`` publishing the session events topic too; ``collector``: on
 the collector's records, in and out; ``hop``: on the JSON keyed at random, the device in
 ``duid``. Those two move every event to its device's partition first (the re-keying hop).
-``enriched``: on Snowplow Enrich's TSV keyed by device, in and out."""
+``enriched``: on Snowplow Enrich's TSV keyed by device, in and out. ``baseline``: ``enricher
+run`` as the ``enricher`` mode, from another revision (:mod:`bench.baseline`)."""
 REKEYED = {
     "collector": {
         "ENRICHER_INPUT_FORMAT": "snowplow-collector",
@@ -89,6 +94,8 @@ class Lab:
     work: Path
     traffic: generate.Traffic
     broker_pids: list[int]
+    baseline: Checkout | None = None
+    """the revision the ``baseline`` mode runs (``--baseline``)"""
 
     def start_streaming(
         self, mode: str, name: str, source: str, target: str, process: str = ""
@@ -115,15 +122,24 @@ class Lab:
         }
         if mode == "sessions":
             env["ENRICHER_SESSION_EVENTS_TOPIC"] = sessions_topic(target)
+        if mode == "baseline":
+            if self.baseline is None:
+                raise BenchError("the baseline mode needs a revision (--baseline)")
+            env.update(self.baseline.environment())
         return self.children.start(process or name, STREAMING_ARGV[mode], env)
 
     def run_batch(
-        self, name: str, source: Path, *extra: str, module: str = "enricher batch"
+        self,
+        name: str,
+        source: Path,
+        *extra: str,
+        module: str = "enricher batch",
+        output: Path | None = None,
     ) -> tuple[Window, str]:
         """``enricher batch`` (or ``module``, run as ``python -m``, with the same ``--input``
         and ``--output``) on ``source`` to completion: the whole process as the window, and
-        the summary line it printed."""
-        target = self.work / f"{name}.out.jsonl"
+        the summary line it printed. The output is kept at ``output`` when it is given."""
+        target = output or self.work / f"{name}.out.jsonl"
         argv = [sys.executable, "-m", *module.split(), "--input", str(source)]
         argv += ["--output", str(target)]
         argv += [] if module == "bench.floor" else ["--salt", SALT, *extra]
@@ -133,7 +149,8 @@ class Lab:
         code, cpu = child.wait_with_usage()
         elapsed = time.monotonic() - started
         for path in (target, target.with_name(target.name + ".errors.jsonl")):
-            path.unlink(missing_ok=True)
+            if path != output:
+                path.unlink(missing_ok=True)
         lines = child.log_path.read_text(errors="replace").splitlines()
         summary = next((line for line in reversed(lines) if line.startswith("events=")), None)
         if code != 0 or summary is None:
@@ -189,6 +206,25 @@ def throughput_run(lab: Lab, mode: str, index: int) -> StreamRun:
     run = streaming_run(lab, mode, index)
     lab.kafka.delete_topics(run_topics(mode, index)[1])
     return run
+
+
+def checked_run(
+    lab: Lab, mode: str, index: int, reference: Reference
+) -> tuple[StreamRun, OutputCheck]:
+    """A throughput run whose output topic is then read back and compared, device by device,
+    with ``enricher batch``'s output (:mod:`bench.reference`) before its topics go."""
+    run = streaming_run(lab, mode, index)
+    topics = run_topics(mode, index)[1]
+    try:
+        check = reference.check(lab.kafka, topics[0], mode, index)
+    finally:
+        lab.kafka.delete_topics(topics)
+    outcome = "the same as" if check.matched else "NOT the same as"
+    say(
+        f"{mode} run {index}: {check.records:,} records of {check.devices:,} devices read back,"
+        f" {outcome} enricher batch's {reference.records:,}, byte for byte"
+    )
+    return run, check
 
 
 def hop_run(lab: Lab, index: int) -> tuple[StreamRun, Order]:
@@ -378,8 +414,10 @@ def measured_window(samples: list[Sample], label: str) -> Window:
     return between(first, samples[-1])
 
 
-def batch_run(lab: Lab, source: Path, index: int) -> tuple[Window, str]:
-    window, summary = lab.run_batch(f"bench-batch-{index}", source)
+def batch_run(lab: Lab, source: Path, index: int, output: Path) -> tuple[Window, str]:
+    """``enricher batch`` on ``source``, its output kept at ``output`` (the reference the
+    streaming modes' output is checked against)."""
+    window, summary = lab.run_batch(f"bench-batch-{index}", source, output=output)
     say(
         f"batch run {index}: {window.rate:,.0f} events/s,"
         f" {window.cpu_per_1k:.3f} CPU s per 1k events ({summary})"

@@ -10,9 +10,11 @@ from typing import Any
 
 from bench.common import say
 from bench.results import (
+    Baseline,
     Batch,
     Hop,
     Latency,
+    OutputCheck,
     Results,
     Streaming,
     Throughput,
@@ -21,6 +23,13 @@ from bench.results import (
 )
 
 UNSUPPORTED = "not supported"
+CPU_TARGET = 2.5
+"""the working tree's ``enricher run`` against the baseline: times less CPU per event"""
+CHECKED_MODES = {
+    "enricher": "`enricher run`",
+    "baseline": "the baseline",
+    "sessions": "with the session events topic",
+}
 
 
 def _rate(value: float) -> str:
@@ -67,6 +76,60 @@ def _order(hop: Hop) -> str:
     )
 
 
+def _baseline_row(results: Results) -> list[list[str]]:
+    """The baseline's row, when there is one."""
+    if results.baseline is None:
+        return []
+    name = f"enricher run at {results.baseline.revision} (baseline)"
+    return [_throughput_row(name, results, results.baseline)]
+
+
+def _baseline(results: Results) -> list[str]:
+    """The baseline's CPU per event against the working tree's, in a sentence."""
+    base = results.baseline
+    if base is None:
+        return []
+    ratio, current = results.baseline_cpu_ratio(base), results.enricher.cpu_per_1k
+    verdict = "met" if ratio >= CPU_TARGET else "**not met**"
+    return [
+        f"Baseline: `enricher run` at {base.revision} ({base.commit[:12]}), in the same"
+        f" interleaved runs; events/s {_runs([r.window.rate for r in base.runs])}. CPU per"
+        f" event, baseline / working tree: {base.cpu_per_1k:.3f} / {current:.3f} CPU s per 1k"
+        f" events = {ratio:.2f}x (target: {CPU_TARGET}x less CPU per event than the baseline,"
+        f" {verdict}).",
+    ]
+
+
+def _checks(results: Results) -> str:
+    """Which streaming modes' output was compared with ``enricher batch``'s, and how it went."""
+    parts = []
+    for mode, label in CHECKED_MODES.items():
+        runs = [check for check in results.checks if check.mode == mode]
+        if runs:
+            parts.append(f"{label} {_check_runs(runs)}")
+    return (
+        "Output checked against `enricher batch`'s on the same events (every device's records"
+        " in order, byte for byte, read back from each run's output topic): "
+        + "; ".join(parts)
+        + ". Not comparable, so not checked: the collector format and the enriched TSV (other"
+        " formats), the re-keying hop (its events carry `duid` and reach the enrichment in the"
+        " hop's order)."
+    )
+
+
+def _check_runs(runs: list[OutputCheck]) -> str:
+    """One mode's runs: how many records matched, or where a run's output differs."""
+    differing = [check for check in runs if not check.matched]
+    if differing:
+        first = differing[0]
+        return (
+            f"**differs** in {len(differing)} of {len(runs)} run(s); run {first.run}:"
+            f" {first.difference}"
+        )
+    counts = " / ".join(f"{check.records:,}" for check in runs)
+    return f"{counts} records matched ({len(runs)} run(s))"
+
+
 def markdown(results: Results) -> str:
     plan, machine = results.plan, results.machine
     passthrough, enricher, batch = results.passthrough, results.enricher, results.batch
@@ -89,6 +152,7 @@ def markdown(results: Results) -> str:
             f"{enricher.cpu_per_1k:.3f}",
             f"{enricher.commands_per_event:.4f} / {enricher.latency.commands_per_event:.4f}",
         ],
+        *_baseline_row(results),
         _throughput_row("enricher, exactly-once, with the session events topic", results, sessions),
         _throughput_row(
             "enricher, exactly-once, collector format: Thrift POSTs of 10 events keyed at random,"
@@ -191,6 +255,8 @@ def markdown(results: Results) -> str:
         f" per 1k events, keeping {collector.cores_busy:.2f} and {hop.cores_busy:.2f} cores"
         " busy.",
         _order(hop),
+        _checks(results),
+        *_baseline(results),
         "Redis commands / event count what INFO commandstats counts, the HGET and HSET that"
         " the fenced-write script runs included; sent by the service itself (EVAL, HMGET,"
         f" HINCRBY): {enricher.sent_per_event:.4f} from the backlog, where a batch mostly"
@@ -271,7 +337,23 @@ def _batch_json(batch: Batch) -> dict[str, Any]:
     }
 
 
+def _baseline_json(results: Results, baseline: Baseline) -> dict[str, Any]:
+    return {
+        **_throughput_json(baseline),
+        "revision": baseline.revision,
+        "commit": baseline.commit,
+        "ratio_to_passthrough": results.ratio(baseline.rate),
+        "cpu_per_event_baseline_to_current": results.baseline_cpu_ratio(baseline),
+        "cpu_per_event_target": CPU_TARGET,
+    }
+
+
 def as_json(results: Results) -> dict[str, Any]:
+    baseline = (
+        {}
+        if results.baseline is None
+        else {"enricher_exactly_once_baseline": _baseline_json(results, results.baseline)}
+    )
     return {
         "machine": results.machine,
         "plan": results.plan,
@@ -281,6 +363,7 @@ def as_json(results: Results) -> dict[str, Any]:
                 **_streaming_json(results.enricher),
                 "ratio_to_passthrough": results.ratio(results.enricher.rate),
             },
+            **baseline,
             "enricher_exactly_once_with_session_events": {
                 **_throughput_json(results.sessions),
                 "ratio_to_passthrough": results.ratio(results.sessions.rate),
@@ -320,6 +403,9 @@ def as_json(results: Results) -> dict[str, Any]:
             **dataclasses.asdict(results.memory),
             "bytes_per_device": results.memory.per_device,
         },
+        "output_checks": [
+            {**dataclasses.asdict(check), "matched": check.matched} for check in results.checks
+        ],
         "targets": [dataclasses.asdict(t) for t in results.targets()],
     }
 

@@ -170,6 +170,30 @@ class Streaming(Throughput):
 
 
 @dataclass(frozen=True)
+class Baseline(Throughput):
+    """``enricher run`` from another git revision, in the same interleaved runs as the working
+    tree's (``--baseline``)."""
+
+    revision: str  # as given on the command line
+    commit: str
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One streaming run's output against ``enricher batch``'s (:mod:`bench.reference`)."""
+
+    mode: str
+    run: int
+    records: int  # read back from the run's output topic
+    devices: int  # the keys among them
+    difference: str  # where the first differing device's records differ; empty: none differs
+
+    @property
+    def matched(self) -> bool:
+        return not self.difference
+
+
+@dataclass(frozen=True)
 class Order:
     """The order in which the re-keying hop handed one device's events to the enrichment,
     read back from its topic after a run: an event is behind when its device time (``dtm``)
@@ -262,9 +286,17 @@ class Results:
     memory: Memory
     repair: Window
     """replaying the whole input to rebuild the state of an emptied Redis"""
+    checks: list[OutputCheck]
+    """the comparable streaming runs' output against ``enricher batch``'s"""
+    baseline: Baseline | None
+    """``--baseline``: ``enricher run`` at that revision"""
 
     def ratio(self, rate: float) -> float:
         return rate / self.passthrough.rate
+
+    def baseline_cpu_ratio(self, baseline: Baseline) -> float:
+        """The baseline's CPU per event against the working tree's ``enricher run``."""
+        return baseline.cpu_per_1k / self.enricher.cpu_per_1k
 
     def floor_ratio(self) -> float:
         """Batch mode's events per CPU second against the codec floor's, both in this run."""
