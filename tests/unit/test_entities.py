@@ -192,6 +192,22 @@ def test_every_produced_entity_is_valid(line: Timeline, storage: str) -> None:
 
 
 @PROPERTIES
+@given(timelines(), st.sampled_from(STORAGE_MECHANISMS))
+def test_the_usual_events_shortcut_writes_what_the_codec_writes(
+    line: Timeline, storage: str
+) -> None:
+    """An event without contexts, with the default options, takes ``Enriched.fields``'
+    shortcut (the session's prepared JSON, no entity built): its fields and their bytes are
+    exactly what the tracker codec writes with the entities."""
+    for enriched in enrich_timeline(line, storage, EntityOptions()):
+        assert enriched.event.contexts_field is None  # the shortcut's case
+        general = tracker.with_entities(enriched.event, enriched.entities)
+        shortcut = enriched.fields()
+        assert shortcut == general
+        assert tracker.dump(shortcut) == tracker.dump(general)
+
+
+@PROPERTIES
 @given(timelines())
 def test_lifecycle_entity_follows_the_state(line: Timeline) -> None:
     options = EntityOptions(lifecycle_context=True, session_context=False)
