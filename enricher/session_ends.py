@@ -111,6 +111,10 @@ class NoSessionEnds:
         return write
 
 
+_NO_EVENTS: list[SessionEvent] = []
+"""what the usual event causes (shared: its callers only read it)"""
+
+
 class SessionEnds:
     """The session events topic is on: a batch's clocks, watermarks and expiries."""
 
@@ -145,6 +149,8 @@ class SessionEnds:
         self, device: str, before: SessionState | None, step: Step
     ) -> tuple[list[SessionEvent], bool]:
         """The session events one event causes, and whether it reopened an ended session."""
+        if step.started is None and (before is None or not before.ended):
+            return _NO_EVENTS, False  # the usual event: it joins a session still open
         return session_events.on_step(device, before, step), session_events.reopened(before, step)
 
     def pass_watermark(
@@ -213,8 +219,11 @@ class SessionEnds:
 def expiry_score(state: SessionState, starting: SessionState | None) -> int | None:
     """A device's score in the expiries: the earliest expiry of a session not declared ended,
     whether the batch commits (``state``) or not (``starting``); None if both are ended."""
-    open_expiries = [s.expires_ms for s in (state, starting) if s is not None and not s.ended]
-    return min(open_expiries) if open_expiries else None
+    if starting is None or starting.ended:
+        return None if state.ended else state.expires_ms
+    if state.ended:
+        return starting.expires_ms
+    return min(state.expires_ms, starting.expires_ms)
 
 
 def for_settings(session_events_topic: str, lateness_ms: int) -> Callable[[], BatchSessionEnds]:

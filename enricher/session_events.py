@@ -51,9 +51,11 @@ class Detection(enum.Enum):
     WATERMARK = "watermark"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionEnd:
-    """The part of a ``session_ended`` record that only an ended session has."""
+    """The part of a ``session_ended`` record that only an ended session has. (Treated as
+    immutable, not frozen: a frozen dataclass sets each field through ``object.__setattr__``,
+    and two records are built per session.)"""
 
     last_event_ms: int
     event_count: int
@@ -70,9 +72,9 @@ class SessionEnd:
     """0, or how many earlier ends of this session late events have superseded"""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionEvent:
-    """One record of the session events topic."""
+    """One record of the session events topic (treated as immutable, as :class:`SessionEnd`)."""
 
     kind: Kind
     device_id: str
