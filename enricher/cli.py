@@ -87,10 +87,10 @@ def _batch(args: argparse.Namespace) -> int:
     else:
         store = batch.MemoryStore()
     reference_ms = args.reference_time
-    gc_tuning.tune()
     if reference_ms is None:
         reference_ms = int(time.time() * 1000)
     bound = batch.TimeBound(reference_ms, round(settings.max_event_ahead * 1000))
+    gc_tuning.tune()
     try:
         device_id = DeviceId(sources_for(settings.device_id, settings.input_format))
         summary = batch.run(
