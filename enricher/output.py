@@ -149,25 +149,21 @@ class Output:
         None): the enriched record of every event goes this way."""
         on_delivery = None if source is None else functools.partial(self._undelivered_from, source)
         try:
-            try:
-                self.producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=headers,
-                    timestamp=timestamp_ms,
-                    on_delivery=on_delivery,
-                )
-            except BufferError:
-                produce_waiting(
-                    self.producer,
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=headers,
-                    timestamp=timestamp_ms,
-                    on_delivery=on_delivery,
-                )
+            # produce_waiting's loop inline: its call and keyword dictionary cost more than the
+            # produce call itself, and this runs once per event.
+            while True:
+                try:
+                    self.producer.produce(
+                        topic,
+                        value=value,
+                        key=key,
+                        headers=headers,
+                        timestamp=timestamp_ms,
+                        on_delivery=on_delivery,
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.1)
         except KafkaException as error:
             if error.args[0].code() not in UNPRODUCIBLE:
                 raise
