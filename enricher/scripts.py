@@ -4,8 +4,7 @@ another instance owns the partition, and tell a newer owner's epoch (``FENCED``)
 Redis lost (``LOST``: older than the writer's, or gone)."""
 
 # Every script takes KEYS = devices hash, meta hash, expiries sorted set.
-FENCE = """
-local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch'))
+_EPOCH_CHECK = """
 if epoch == nil or epoch < tonumber(ARGV[1]) then
   return redis.error_reply('LOST partition epoch is ' .. tostring(epoch) .. ', behind ' .. ARGV[1])
 end
@@ -13,6 +12,7 @@ if epoch > tonumber(ARGV[1]) then
   return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
 end
 """
+FENCE = "local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch'))" + _EPOCH_CHECK
 
 # Take ownership of a partition: an epoch above the stored one and no lower than ARGV[1] (the
 # time in ms), so that an owner's epoch stays above a zombie's even after Redis lost the
@@ -30,21 +30,25 @@ return {epoch, redis.call('HGET', KEYS[2], 'complete')}
 # of scores, then device, record, ..., then score, device, ..., then devices to drop from the
 # expiries.
 WRITE_SCRIPT = (
-    FENCE
+    """
+local meta = redis.call('HMGET', KEYS[2], 'epoch', 'complete')
+local epoch = tonumber(meta[1])
+"""
+    + _EPOCH_CHECK
     + """
-local complete = tonumber(redis.call('HGET', KEYS[2], 'complete') or '-1')
+local complete = tonumber(meta[2] or '-1')
 if complete < tonumber(ARGV[2]) then
   return redis.error_reply('LOST partition state is complete up to offset ' .. complete
     .. ', not ' .. ARGV[2])
 end
-redis.call('HSET', KEYS[2], 'complete', ARGV[3])
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[2], 'clock', ARGV[4], 'clock_offset', ARGV[5])
-  if ARGV[6] == '' then
-    redis.call('HDEL', KEYS[2], 'clock_before')
-  else
-    redis.call('HSET', KEYS[2], 'clock_before', ARGV[6])
-  end
+if ARGV[4] == '' then
+  redis.call('HSET', KEYS[2], 'complete', ARGV[3])
+elseif ARGV[6] == '' then
+  redis.call('HSET', KEYS[2], 'complete', ARGV[3], 'clock', ARGV[4], 'clock_offset', ARGV[5])
+  redis.call('HDEL', KEYS[2], 'clock_before')
+else
+  redis.call('HSET', KEYS[2], 'complete', ARGV[3], 'clock', ARGV[4], 'clock_offset', ARGV[5],
+    'clock_before', ARGV[6])
 end
 local records_end = 8 + 2 * tonumber(ARGV[7])
 local scores_end = records_end + 2 * tonumber(ARGV[8])
