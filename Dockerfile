@@ -23,7 +23,8 @@ WORKDIR /src
 # the context small anyway.
 COPY pyproject.toml README.md ./
 COPY enricher ./enricher
-# confluent-kafka and fastavro ship manylinux wheels (librdkafka included): no compiler needed.
+# confluent-kafka, fastavro and hiredis ship manylinux wheels (librdkafka included): no
+# compiler needed.
 RUN pip install . \
     && enricher --version
 
