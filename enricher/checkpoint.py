@@ -236,7 +236,7 @@ class Checkpoint:
             self.topics.output,
             key,
             value,
-            headers or [],
+            headers,
             message.timestamp_ms,
             source=(partition, message.offset),
         )

@@ -146,20 +146,17 @@ class Output:
         source: tuple[int, int] | None = None,
     ) -> None:
         """:meth:`send` without the record around the key, value and headers (a list, or
-        None): the enriched record of every event goes this way."""
+        None for none): the enriched record of every event goes this way."""
         on_delivery = None if source is None else functools.partial(self._undelivered_from, source)
         try:
-            # produce_waiting's loop inline: its call and keyword dictionary cost more than the
-            # produce call itself, and this runs once per event.
+            # produce_waiting's loop inline, and the arguments by position: this runs once per
+            # event, and the binding parses keywords at about half the cost of the call itself
+            # (1.1 us of 3.3). Its order is topic, value, key, partition (-1: the partitioner),
+            # callback, on_delivery (an alias), timestamp, headers (test_producers.py).
             while True:
                 try:
                     self.producer.produce(
-                        topic,
-                        value=value,
-                        key=key,
-                        headers=headers,
-                        timestamp=timestamp_ms,
-                        on_delivery=on_delivery,
+                        topic, value, key, -1, on_delivery, None, timestamp_ms, headers
                     )
                     break
                 except BufferError:

@@ -49,6 +49,8 @@ class Sent:
     headers: Headers
     partition: int
     offset: int
+    timestamp_ms: int
+    """the record's timestamp as the broker stored it (the service's output carries it on)"""
 
 
 def traffic(events: int, devices: int, seed: int) -> list[Item]:
@@ -98,7 +100,8 @@ def _produce(
             m = messages[index]
             partition, offset = message.partition(), message.offset()
             assert partition is not None and offset is not None
-            sent[base + index] = Sent(m.key, m.value, m.headers, partition, offset)
+            timestamp_ms = message.timestamp()[1]
+            sent[base + index] = Sent(m.key, m.value, m.headers, partition, offset, timestamp_ms)
 
         return report
 

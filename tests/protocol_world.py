@@ -122,17 +122,21 @@ class FakeProducer:
             raise kafka_error(KafkaError._STATE, "a transaction is open already")
         self.open = Transaction()
 
-    def produce(
+    def produce(  # noqa: PLR0917 (the binding's signature: Output passes arguments by position)
         self,
         topic: str,
-        *,
         value: bytes | None = None,
         key: bytes | None = None,
-        headers: Sequence[Header] | None = None,
-        timestamp: int = 0,
+        partition: int = -1,
+        callback: DeliveryCallback | None = None,
         on_delivery: DeliveryCallback | None = None,
+        timestamp: int = 0,
+        headers: Sequence[Header] | None = None,
     ) -> None:
+        """The binding's signature, positions included (test_producers.py holds the real
+        one to it)."""
         self.calls.append("produce")
+        on_delivery = callback or on_delivery
         transaction = self._transaction("produce")
         record = Produced(topic, key, value, tuple(headers or ()), timestamp)
         refused = self.refuse_produce(record)

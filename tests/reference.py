@@ -102,7 +102,8 @@ def check_output(
     sent: Sequence[Sent],
 ) -> None:
     """Exactly once, and equal to the reference: every expected event appears once in
-    ``output`` with the reference's bytes, the input's key, headers and partition."""
+    ``output`` with the reference's bytes, the input's key, headers, partition and
+    timestamp."""
     by_eid: dict[str, Sent] = {}
     for source in sent:
         try:
@@ -138,7 +139,8 @@ def check_output(
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected events, e.g. {unexpected[:3]}")
 
-    sessions, events_differ, bytes_differ, keys, headers, partitions = [], [], [], [], [], []
+    lists: list[list[str]] = [[] for _ in range(7)]
+    sessions, events_differ, bytes_differ, keys, headers, partitions, timestamps = lists
     for eid, (record, event) in events.items():
         want = expected.get(eid)
         if want is None:
@@ -161,6 +163,8 @@ def check_output(
             headers.append(f"  {eid}: got {record.headers}, expected {origin.headers}")
         if origin is not None and record.partition != origin.partition:
             partitions.append(f"  {eid}: got {record.partition}, input {origin.partition}")
+        if origin is not None and record.timestamp_ms != origin.timestamp_ms:
+            timestamps.append(f"  {eid}: got {record.timestamp_ms}, input {origin.timestamp_ms}")
     for label, found in (
         ("client_session entities differ from the reference", sessions),
         ("output events differ from the reference", events_differ),
@@ -168,6 +172,7 @@ def check_output(
         ("keys differ from the input", keys),
         ("headers differ from the input", headers),
         ("output partitions differ from the input partitions", partitions),
+        ("output timestamps differ from the input timestamps", timestamps),
     ):
         if found:
             problems.append(f"{len(found)} {label}, e.g.\n" + "\n".join(found[:3]))
