@@ -133,7 +133,8 @@ class Output:
         """Produce one record; a record the producer refuses for good raises
         :class:`BadInput` (``not_producible``). With ``source`` (the input's partition and
         offset), a refusal at delivery makes :meth:`refused` name that input."""
-        self.produce(topic, record.key, record.value, record.headers, timestamp_ms, source=source)
+        headers = record.headers or None  # an empty list costs the binding a conversion
+        self.produce(topic, record.key, record.value, headers, timestamp_ms, source=source)
 
     def produce(
         self,
