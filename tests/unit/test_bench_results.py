@@ -113,6 +113,21 @@ def test_baseline_targets_appear_only_with_a_baseline() -> None:
     assert memory.met  # the same memory per device as the baseline
 
 
+@pytest.mark.parametrize(("baseline_bytes", "met"), [(2_980_000, True), (2_960_000, False)])
+def test_memory_against_the_baseline_allows_one_per_cent_of_allocator_noise(
+    baseline_bytes: int, met: bool
+) -> None:
+    """The working tree's runs grow ``used_memory`` by 3,000,000 bytes (300 B per device)."""
+    base = Baseline(
+        [StreamRun(Window(EVENTS, 10.0, 5.0), RedisUse({"evalsha": 500}, baseline_bytes))],
+        EVENTS,
+        DEVICES,
+        "abc123",
+        "f" * 40,
+    )
+    assert by_goal(results(baseline=base).targets(), "Redis memory per device").met is met
+
+
 def test_cpu_against_the_baseline_below_the_target_is_not_met() -> None:
     targets = results(baseline=baseline(cpu_seconds=4.9)).targets()
     assert not by_goal(targets, "enricher exactly-once: 2.5x").met
