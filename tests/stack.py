@@ -319,14 +319,17 @@ class Stack:
         return records
 
     def read_committed(self, topics: Sequence[str], *, timeout: float = 60.0) -> list[Record]:
-        """Every record committed to the topics so far (up to each partition's last stable
-        offset), for exactly-once assertions; open transactions are not waited for."""
+        """Every record committed to the topics, for exactly-once assertions.
+
+        Reads once no transaction is open on any of their partitions (see
+        :meth:`settled_ends`), so that a transaction whose offsets are already committed
+        but whose markers are still being written is read whole, not cut off."""
         consumer = self.consumer()
         records: list[Record] = []
         try:
             assignment = self._assign_all(consumer, topics)
-            ends = client.high_watermarks(consumer, assignment)
             deadline = time.monotonic() + timeout
+            ends = self.settled_ends(consumer, assignment, deadline)
             while True:
                 positions = consumer.position([TopicPartition(t, p) for t, p in ends])
                 behind = [
@@ -344,6 +347,36 @@ class Stack:
                 self._poll(consumer, records)
         finally:
             consumer.close()
+
+    def settled_ends(
+        self, consumer: Consumer, partitions: Sequence[TopicPartition], deadline: float
+    ) -> client.Offsets:
+        """Each partition's end, once its last stable offset (what the read_committed
+        ``consumer`` may read) has reached its high watermark: every transaction written
+        to it is committed or aborted.
+
+        A transaction commits its consumer offsets and its output partitions through
+        separate markers, so the input can read as done a moment before its output is
+        readable. A transaction left open by a killed producer is aborted by the broker
+        after the producer's transaction timeout. Fails the test at ``deadline``."""
+        written_reader = self.consumer(**{"isolation.level": "read_uncommitted"})
+        try:
+            while True:
+                stable = client.high_watermarks(consumer, partitions)
+                written = client.high_watermarks(written_reader, partitions)
+                open_ = sorted(tp for tp, end in written.items() if stable[tp] != end)
+                if not open_:
+                    return stable
+                if time.monotonic() > deadline:
+                    self.fail(
+                        f"partitions {open_[:10]} still have an open transaction (last "
+                        f"stable offsets {[stable[tp] for tp in open_[:10]]}, high "
+                        f"watermarks {[written[tp] for tp in open_[:10]]})",
+                        self.kafka_services(),
+                    )
+                time.sleep(0.2)
+        finally:
+            written_reader.close()
 
     # ------------------------------------------------------------------ Redis
 
