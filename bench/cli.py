@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench import baseline, latency, measure, report, stack, workload
+from bench import baseline, latency, measure, report, sampling, stack, workload
 from bench.children import Children
 from bench.common import REPO, BenchError, say
+from bench.lab import DLQ_TOPIC, INPUTS, Lab
 from bench.machine import describe
 from bench.reference import Reference
 from bench.results import (
@@ -75,8 +76,8 @@ class Plan:
             **asdict(self),
             "partitions": stack.PARTITIONS,
             "batch_size": Settings().batch_size,
-            "warmup_seconds": measure.WARMUP_SECONDS,
-            "poll_seconds": measure.POLL_SECONDS,
+            "warmup_seconds": latency.WARMUP_SECONDS,
+            "poll_seconds": sampling.POLL_SECONDS,
         }
 
 
@@ -162,7 +163,7 @@ def _interrupted(signum: int, _: FrameType | None) -> None:
 
 
 def checked(
-    lab: measure.Lab, mode: str, index: int, reference: Reference, checks: list[OutputCheck]
+    lab: Lab, mode: str, index: int, reference: Reference, checks: list[OutputCheck]
 ) -> StreamRun:
     """A throughput run of ``mode`` whose output must be ``enricher batch``'s, byte for byte;
     the baseline's may differ (it is reported, the run goes on), the working tree's may not."""
@@ -184,7 +185,7 @@ def measure_all(
     redis = stack.Redis(settings["ENRICHER_REDIS_URL"])
     machine = describe(redis.describe())
     traffic = generate.Traffic(plan.events, plan.devices, plan.seed)
-    lab = measure.Lab(
+    lab = Lab(
         kafka,
         redis,
         settings["ENRICHER_REDIS_URL"],
@@ -194,9 +195,9 @@ def measure_all(
         stack.broker_pids(STATE_DIR),
         checkout,
     )
-    kafka.create_topics([*measure.INPUTS.topics(), measure.DLQ_TOPIC])
+    kafka.create_topics([*INPUTS.topics(), DLQ_TOPIC])
     source, batch_output = work / "events.jsonl", work / "batch.out.jsonl"
-    preloaded = workload.preload(kafka, measure.INPUTS, traffic, source)
+    preloaded = workload.preload(kafka, INPUTS, traffic, source)
 
     passthrough: list[StreamRun] = []
     enricher: list[StreamRun] = []
@@ -233,7 +234,7 @@ def measure_all(
         for mode, runs in (("passthrough", passthrough), ("enricher", enricher))
     }
     counts = {
-        mode: math.ceil(rate * (measure.WARMUP_SECONDS + plan.latency_seconds))
+        mode: math.ceil(rate * (latency.WARMUP_SECONDS + plan.latency_seconds))
         for mode, rate in rates.items()
     }
     say(f"generating {sum(counts.values()):,} more events to offer at half of peak")

@@ -10,18 +10,16 @@ import time
 from bench import workload
 from bench.children import Child
 from bench.common import say
-from bench.measure import (
-    DRAIN_SECONDS,
-    INPUT_TOPIC,
-    WARMUP_SECONDS,
-    Lab,
-    between,
-    follow,
-    redis_use,
-    sample,
-)
+from bench.lab import INPUT_TOPIC, Lab
+from bench.measure import redis_use
 from bench.results import Latency, milliseconds
+from bench.sampling import between, follow, sample
 from bench.stack import Kafka
+
+WARMUP_SECONDS = 5.0
+"""offered before the latency is measured"""
+DRAIN_SECONDS = 60.0
+"""the longest wait for output after the last offer"""
 
 
 class Probe:

@@ -1,194 +1,37 @@
-"""The measurements: throughput and latency of the streaming modes, batch-mode runs, and
-Redis memory per device. ``docs/benchmark.md`` explains each method."""
+"""The measurements: throughput of the streaming modes, batch mode and its codec floor, the
+state repair, and Redis memory per device. ``docs/benchmark.md`` explains each method."""
 
 from __future__ import annotations
 
 import re
 import statistics
-import sys
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import orjson
 
 from bench import workload
-from bench.baseline import INTERPRETER, Checkout
-from bench.children import Child, Children, cpu_seconds
-from bench.common import BenchError, clean_environment, say
+from bench.children import Child
+from bench.common import say
+from bench.lab import INPUT_TOPIC, MODE_INPUTS, REKEYED, Lab, sessions_topic
 from bench.reference import Reference
-from bench.results import (
-    Memory,
-    Order,
-    OutputCheck,
-    RedisUse,
-    StreamRun,
-    Window,
-    duration,
+from bench.results import Memory, Order, OutputCheck, RedisUse, StreamRun, Window, duration
+from bench.sampling import (
+    STALL_SECONDS,
+    Produced,
+    Rekeyed,
+    Sample,
+    between,
+    follow,
+    measured_window,
+    sample,
 )
-from bench.stack import PARTITIONS, CommittedOffsets, Kafka, Redis
-from enricher import generate, rekey
+from bench.stack import PARTITIONS, Kafka, Redis
+from enricher import rekey
 
-INPUT_TOPIC = "bench.input"
-INPUTS = workload.Inputs(
-    INPUT_TOPIC, "bench.input.random-keys", "bench.input.collector", "bench.input.enriched"
-)
-DLQ_TOPIC = "bench.dlq"
-SALT = "bench-salt"
-POLL_SECONDS = 0.5
-REPORT_SECONDS = 5.0
-STALL_SECONDS = 120.0
-WARMUP_SECONDS = 5.0
-DRAIN_SECONDS = 60.0
 FLOOR_REPEATS = 3
 """runs of the codec floor per round: one lasts a few seconds at most, short enough for a
 single scheduling hiccup to move it by a third"""
-STREAMING_ARGV = {
-    "passthrough": [sys.executable, "-m", "bench.passthrough"],
-    "enricher": [sys.executable, "-m", "enricher", "run"],
-    "sessions": [sys.executable, "-m", "enricher", "run"],
-    "collector": [sys.executable, "-m", "enricher", "run"],
-    "hop": [sys.executable, "-m", "enricher", "run"],
-    "enriched": [sys.executable, "-m", "enricher", "run"],
-    "baseline": [*INTERPRETER, "-m", "enricher", "run"],
-}
-"""``sessions``: ``enricher run`` publishing the session events topic too; ``collector``: on
-the collector's records, in and out; ``hop``: on the JSON keyed at random, the device in
-``duid``. Those two move every event to its device's partition first (the re-keying hop).
-``enriched``: on Snowplow Enrich's TSV keyed by device, in and out. ``baseline``: ``enricher
-run`` as the ``enricher`` mode, from another revision (:mod:`bench.baseline`)."""
-REKEYED = {
-    "collector": {
-        "ENRICHER_INPUT_FORMAT": "snowplow-collector",
-        "ENRICHER_OUTPUT_FORMAT": "snowplow-collector",
-    },
-    "hop": {"ENRICHER_DEVICE_ID": "duid"},
-}
-"""the settings of the modes behind the re-keying hop"""
-MODE_INPUTS = {
-    "collector": INPUTS.collector,
-    "hop": INPUTS.random_keys,
-    "enriched": INPUTS.enriched,
-}
-FORMAT_SETTINGS = {
-    "enriched": {
-        "ENRICHER_INPUT_FORMAT": "snowplow-enriched",
-        "ENRICHER_OUTPUT_FORMAT": "snowplow-enriched",
-        "ENRICHER_DEVICE_ID": "key",
-    },
-}
-"""the settings of a mode on another format, keyed by device (no hop)"""
-"""the input of the modes that do not read :data:`INPUT_TOPIC`"""
-METRICS_TIMEOUT_SECONDS = 2.0
-HTTP_LOG_LINE = re.compile(r"http on (\S+):(\d+) \(/metrics")
-PRODUCED_METRIC = re.compile(r"^enricher_records_produced_total (\S+)$", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class Lab:
-    """The running stack and what every measurement needs from it."""
-
-    kafka: Kafka
-    redis: Redis
-    redis_url: str
-    children: Children
-    work: Path
-    traffic: generate.Traffic
-    broker_pids: list[int]
-    baseline: Checkout | None = None
-    """the revision the ``baseline`` mode runs (``--baseline``)"""
-
-    def start_streaming(
-        self, mode: str, name: str, source: str, target: str, process: str = ""
-    ) -> Child:
-        """``mode`` (a key of :data:`STREAMING_ARGV`) from ``source`` to ``target``; ``name`` is
-        its consumer group, transactional id and Redis key prefix, and unless ``process`` is
-        given, the name of its process and log."""
-        env = {
-            **clean_environment(),
-            "ENRICHER_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
-            "ENRICHER_REDIS_URL": self.redis_url,
-            "ENRICHER_INPUT_TOPIC": source,
-            "ENRICHER_OUTPUT_TOPIC": target,
-            "ENRICHER_DLQ_TOPIC": DLQ_TOPIC,
-            "ENRICHER_GROUP_ID": name,
-            "ENRICHER_TRANSACTIONAL_ID": name,
-            "ENRICHER_REDIS_KEY_PREFIX": f"{name}:",
-            "ENRICHER_SALT": SALT,
-            "ENRICHER_METRICS_HOST": "127.0.0.1",
-            "ENRICHER_METRICS_PORT": "0",
-            "ENRICHER_SHUTDOWN_TIMEOUT": "10",
-            **REKEYED.get(mode, {}),
-            **FORMAT_SETTINGS.get(mode, {}),
-        }
-        if mode == "sessions":
-            env["ENRICHER_SESSION_EVENTS_TOPIC"] = sessions_topic(target)
-        if mode == "baseline":
-            if self.baseline is None:
-                raise BenchError("the baseline mode needs a revision (--baseline)")
-            env.update(self.baseline.environment())
-        return self.children.start(process or name, STREAMING_ARGV[mode], env)
-
-    def run_batch(
-        self,
-        name: str,
-        source: Path,
-        *extra: str,
-        module: str = "enricher batch",
-        output: Path | None = None,
-    ) -> tuple[Window, str]:
-        """``enricher batch`` (or ``module``, run as ``python -m``, with the same ``--input``
-        and ``--output``) on ``source`` to completion: the whole process as the window, and
-        the summary line it printed. The output is kept at ``output`` when it is given."""
-        target = output or self.work / f"{name}.out.jsonl"
-        argv = [sys.executable, "-m", *module.split(), "--input", str(source)]
-        argv += ["--output", str(target)]
-        argv += [] if module == "bench.floor" else ["--salt", SALT, *extra]
-        env = {**clean_environment(), "ENRICHER_REDIS_KEY_PREFIX": f"{name}:"}
-        started = time.monotonic()
-        child = self.children.start(name, argv, env)
-        code, cpu = child.wait_with_usage()
-        elapsed = time.monotonic() - started
-        for path in (target, target.with_name(target.name + ".errors.jsonl")):
-            if path != output:
-                path.unlink(missing_ok=True)
-        lines = child.log_path.read_text(errors="replace").splitlines()
-        summary = next((line for line in reversed(lines) if line.startswith("events=")), None)
-        if code != 0 or summary is None:
-            raise child.failure("failed")
-        events = int(summary.split()[0].removeprefix("events="))
-        return Window(events, elapsed, cpu), summary
-
-
-@dataclass(frozen=True)
-class Sample:
-    at: float  # monotonic seconds
-    events: int  # processed so far
-    cpu_seconds: float  # of the process
-    broker_cpu_seconds: float
-    redis_cpu_seconds: float
-
-
-def sample(lab: Lab, child: Child, events: int) -> Sample:
-    """Now: ``events`` and the CPU time so far of the process, the brokers and Redis."""
-    broker = sum(cpu_seconds(pid) for pid in lab.broker_pids)
-    return Sample(time.monotonic(), events, child.cpu_seconds(), broker, lab.redis.cpu_seconds())
-
-
-def between(first: Sample, last: Sample) -> Window:
-    return Window(
-        events=last.events - first.events,
-        seconds=last.at - first.at,
-        cpu_seconds=last.cpu_seconds - first.cpu_seconds,
-        broker_cpu_seconds=last.broker_cpu_seconds - first.broker_cpu_seconds,
-        redis_cpu_seconds=last.redis_cpu_seconds - first.redis_cpu_seconds,
-    )
-
-
-def sessions_topic(target: str) -> str:
-    return f"{target}.sessions"
 
 
 def run_topics(mode: str, index: int) -> tuple[str, list[str]]:
@@ -284,73 +127,6 @@ def redis_use(redis: Redis, memory_before: int) -> RedisUse:
     return RedisUse(calls=redis.command_calls(), memory_bytes=redis.used_memory() - memory_before)
 
 
-class Progress(Protocol):
-    """How many events a process has done so far."""
-
-    @property
-    def last_error(self) -> str:
-        """Why the count could not be read, the last time it could not."""
-
-    def total(self) -> int | None:
-        """The count now, or None when it cannot be read right now."""
-
-
-class Produced:
-    """The events ``enricher run`` has committed to its output: its own
-    ``enricher_records_produced_total``, counted after each transaction commits, read from its
-    ``/metrics`` at the address it logged."""
-
-    def __init__(self, child: Child) -> None:
-        self.child = child
-        self.url = ""
-        self.last_error = ""
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def total(self) -> int | None:
-        """The count, or None before the process serves its metrics."""
-        if not self.url:
-            found = HTTP_LOG_LINE.search(self.child.log_path.read_text(errors="replace"))
-            if found is None:
-                return None
-            self.url = f"http://{found[1]}:{found[2]}/metrics"
-        try:
-            with self.opener.open(self.url, timeout=METRICS_TIMEOUT_SECONDS) as response:
-                text = response.read().decode()
-        except OSError as error:
-            self.last_error = str(error)
-            return None
-        value = PRODUCED_METRIC.search(text)
-        if value is None:
-            self.last_error = f"no enricher_records_produced_total in {self.url}"
-            return None
-        return int(float(value[1]))
-
-
-class Rekeyed:
-    """The events a mode behind the re-keying hop has committed to its output, from the
-    hop's first commit on (None before it), so that a window from the first count to the
-    last takes in the hop's work from its start: the hop alone may be through much of the
-    input before the first enriched batch commits. Output events, not input records: a
-    collector record carries several events, and the hop's own topic, written in
-    transactions, holds commit markers between its records."""
-
-    def __init__(self, hopped: CommittedOffsets, produced: Produced) -> None:
-        self.hopped = hopped
-        self.produced = produced
-        self.started = False
-
-    @property
-    def last_error(self) -> str:
-        return self.produced.last_error or self.hopped.last_error
-
-    def total(self) -> int | None:
-        if not self.started:
-            self.started = bool(self.hopped.total())
-            if not self.started:
-                return None
-        return self.produced.total()
-
-
 def device_order(kafka: Kafka, topic: str) -> Order:
     """Read the re-keying topic back: the events whose device time (``dtm``) is earlier than
     the latest one of the same device before it in its partition."""
@@ -375,46 +151,6 @@ def device_order(kafka: Kafka, topic: str) -> Order:
         statistics.median_low(gaps) if gaps else 0,
         max(gaps, default=0),
     )
-
-
-def follow(lab: Lab, child: Child, progress: Progress, total: int, label: str) -> list[Sample]:
-    """Sample ``progress`` and the CPU time of the process, the broker and Redis every
-    :data:`POLL_SECONDS` until ``total`` events are done."""
-    samples: list[Sample] = []
-    last_change = time.monotonic()
-    next_report = last_change + REPORT_SECONDS
-    tick = last_change
-    while True:
-        if not child.running:
-            raise child.failure(f"exited during {label}")
-        done = progress.total()
-        now = time.monotonic()
-        if done is not None:
-            samples.append(sample(lab, child, done))
-            if done >= total:
-                return samples
-            if len(samples) > 1 and done != samples[-2].events:
-                last_change = now
-        if now - last_change > STALL_SECONDS:
-            why = progress.last_error
-            seen = f" (last error reading the count: {why})" if why else ""
-            raise child.failure(f"committed nothing for {STALL_SECONDS:.0f}s in {label}{seen}")
-        if now >= next_report and samples:
-            say(f"  {label}: {samples[-1].events:,} of {total:,} events committed")
-            next_report += REPORT_SECONDS
-        tick += POLL_SECONDS
-        time.sleep(max(0.0, tick - time.monotonic()))
-
-
-def measured_window(samples: list[Sample], label: str) -> Window:
-    """From the first of ``samples`` to the last."""
-    first = samples[0]
-    if samples[-1].at <= first.at:
-        raise BenchError(
-            f"{label} committed everything within one {POLL_SECONDS}s sample: too few events"
-            " to measure a window (use more --events)"
-        )
-    return between(first, samples[-1])
 
 
 def batch_run(lab: Lab, source: Path, index: int, output: Path) -> tuple[Window, str]:

@@ -2,7 +2,7 @@
 must equal, byte for byte.
 
 ``enricher batch`` and ``enricher run`` apply the same rules with the same settings (the
-benchmark gives both :data:`bench.measure.SALT` and leaves the session timeouts at their
+benchmark gives both :data:`bench.lab.SALT` and leaves the session timeouts at their
 defaults), so for every device the records a streaming run publishes must be, in order,
 exactly the events batch wrote for that device: each record's value the bytes of a line's
 ``event`` object as batch wrote them, its key the line's ``key``. A fast path that quietly
