@@ -1,18 +1,32 @@
-"""The Lua scripts the store runs in Redis, each atomic on one partition's keys (one Redis
-Cluster slot). The fenced ones check the partition's epoch first, so a zombie cannot write once
-another instance owns the partition, and tell a newer owner's epoch (``FENCED``) from an epoch
-Redis lost (``LOST``: older than the writer's, or gone)."""
+"""The Lua scripts the store runs in Redis, each atomic on the keys of one partition (one Redis
+Cluster slot), or of several on a single Redis node (the batch write). The fenced ones check
+each partition's epoch first, so a zombie cannot write once another instance owns the
+partition, and tell a newer owner's epoch (``FENCED``) from an epoch Redis lost (``LOST``:
+older than the writer's, or gone)."""
 
-# Every script takes KEYS = devices hash, meta hash, expiries sorted set.
-_EPOCH_CHECK = """
-if epoch == nil or epoch < tonumber(ARGV[1]) then
-  return redis.error_reply('LOST partition epoch is ' .. tostring(epoch) .. ', behind ' .. ARGV[1])
-end
-if epoch > tonumber(ARGV[1]) then
-  return redis.error_reply('FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. ARGV[1])
+# Why a writer with epoch ``writer`` (a string) may not write where the stored epoch is
+# ``epoch`` (nil: none), or nil when it may.
+_EPOCH_PROBLEM = """
+local function epoch_problem(epoch, writer)
+  if epoch == nil or epoch < tonumber(writer) then
+    return 'LOST partition epoch is ' .. tostring(epoch) .. ', behind ' .. writer
+  end
+  if epoch > tonumber(writer) then
+    return 'FENCED partition epoch is ' .. tostring(epoch) .. ', not ' .. writer
+  end
+  return nil
 end
 """
-FENCE = "local epoch = tonumber(redis.call('HGET', KEYS[2], 'epoch'))" + _EPOCH_CHECK
+
+# The check the other fenced scripts start with. Every script takes KEYS = devices hash, meta
+# hash, expiries sorted set; the fenced ones take the epoch as ARGV[1].
+FENCE = (
+    _EPOCH_PROBLEM
+    + """
+local problem = epoch_problem(tonumber(redis.call('HGET', KEYS[2], 'epoch')), ARGV[1])
+if problem then return redis.error_reply(problem) end
+"""
+)
 
 # Take ownership of a partition: an epoch above the stored one and no lower than ARGV[1] (the
 # time in ms), so that an owner's epoch stays above a zombie's even after Redis lost the
@@ -24,44 +38,58 @@ redis.call('HSET', KEYS[2], 'epoch', epoch)
 return {epoch, redis.call('HGET', KEYS[2], 'complete')}
 """
 
-# Fenced batch write. ARGV = epoch, the offset the state must be complete up to already (else
-# ``LOST``: Redis lost writes), the offset it is complete up to after this write, clock, clock
-# offset, clock before (clock '': leave it; clock before '': none), number of records, number
-# of scores, then device, record, ..., then score, device, ..., then devices to drop from the
-# expiries.
+# Fenced batch write of one or more partitions: on a single Redis node every partition of a
+# batch in one call, on a cluster one call per partition (a script's keys share one slot).
+# KEYS: the keys every script takes, for each partition in turn. ARGV, for each partition in
+# turn: how many of its arguments follow, then: epoch, the offset the state must be complete
+# up to already (else ``LOST``: Redis lost writes), the offset it is complete up to after this
+# write, clock, clock offset, clock before (clock '': leave it; clock before '': none), number
+# of records, number of scores, then device, record, ..., then score, device, ..., then devices
+# to drop from the expiries. Returns for each partition the number of records written, or why
+# none was: ``FENCED ...`` or ``LOST ...`` (the other partitions are written all the same).
 WRITE_SCRIPT = (
-    """
-local meta = redis.call('HMGET', KEYS[2], 'epoch', 'complete')
-local epoch = tonumber(meta[1])
-"""
-    + _EPOCH_CHECK
+    _EPOCH_PROBLEM
     + """
-local complete = tonumber(meta[2] or '-1')
-if complete < tonumber(ARGV[2]) then
-  return redis.error_reply('LOST partition state is complete up to offset ' .. complete
-    .. ', not ' .. ARGV[2])
+local function write(devices, meta_key, expiries, at, last)
+  local meta = redis.call('HMGET', meta_key, 'epoch', 'complete')
+  local problem = epoch_problem(tonumber(meta[1]), ARGV[at + 1])
+  if problem then return problem end
+  local complete = tonumber(meta[2] or '-1')
+  if complete < tonumber(ARGV[at + 2]) then
+    return 'LOST partition state is complete up to offset ' .. complete .. ', not '
+      .. ARGV[at + 2]
+  end
+  local clock, clock_before = ARGV[at + 4], ARGV[at + 6]
+  if clock == '' then
+    redis.call('HSET', meta_key, 'complete', ARGV[at + 3])
+  elseif clock_before == '' then
+    redis.call('HSET', meta_key, 'complete', ARGV[at + 3], 'clock', clock, 'clock_offset',
+      ARGV[at + 5])
+    redis.call('HDEL', meta_key, 'clock_before')
+  else
+    redis.call('HSET', meta_key, 'complete', ARGV[at + 3], 'clock', clock, 'clock_offset',
+      ARGV[at + 5], 'clock_before', clock_before)
+  end
+  local records_end = at + 8 + 2 * tonumber(ARGV[at + 7])
+  local scores_end = records_end + 2 * tonumber(ARGV[at + 8])
+  for i = at + 9, records_end, 1000 do
+    redis.call('HSET', devices, unpack(ARGV, i, math.min(i + 999, records_end)))
+  end
+  for i = records_end + 1, scores_end, 1000 do
+    redis.call('ZADD', expiries, unpack(ARGV, i, math.min(i + 999, scores_end)))
+  end
+  for i = scores_end + 1, last, 1000 do
+    redis.call('ZREM', expiries, unpack(ARGV, i, math.min(i + 999, last)))
+  end
+  return tonumber(ARGV[at + 7])
 end
-if ARGV[4] == '' then
-  redis.call('HSET', KEYS[2], 'complete', ARGV[3])
-elseif ARGV[6] == '' then
-  redis.call('HSET', KEYS[2], 'complete', ARGV[3], 'clock', ARGV[4], 'clock_offset', ARGV[5])
-  redis.call('HDEL', KEYS[2], 'clock_before')
-else
-  redis.call('HSET', KEYS[2], 'complete', ARGV[3], 'clock', ARGV[4], 'clock_offset', ARGV[5],
-    'clock_before', ARGV[6])
+local replies, at = {}, 1
+for k = 1, #KEYS, 3 do
+  local last = at + tonumber(ARGV[at])
+  replies[#replies + 1] = write(KEYS[k], KEYS[k + 1], KEYS[k + 2], at, last)
+  at = last + 1
 end
-local records_end = 8 + 2 * tonumber(ARGV[7])
-local scores_end = records_end + 2 * tonumber(ARGV[8])
-for i = 9, records_end, 1000 do
-  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, records_end)))
-end
-for i = records_end + 1, scores_end, 1000 do
-  redis.call('ZADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, scores_end)))
-end
-for i = scores_end + 1, #ARGV, 1000 do
-  redis.call('ZREM', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-return tonumber(ARGV[7])
+return replies
 """
 )
 

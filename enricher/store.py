@@ -161,6 +161,7 @@ class PartitionStore:
         self.prefix = prefix
         self.topic = topic
         self.codec = RecordCodec(ids)
+        self.cluster = isinstance(client, redis.cluster.RedisCluster)
 
     def keys(self, partition: int) -> PartitionKeys:
         return partition_keys(self.prefix, self.topic, partition)
@@ -265,40 +266,40 @@ class PartitionStore:
             names = [*keys_of(keys), keys.renews] if renews else keys_of(keys)
             pipe.execute_command("EVAL", script, len(names), *names, *args)
         replies: dict[int, Any] = {}
-        fenced, lost = [], {}
+        refusals: dict[int, str] = {}
         for partition, reply in zip(calls, pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(reply, redis.ResponseError) and str(reply).startswith("FENCED"):
-                fenced.append(partition)
-            elif isinstance(reply, redis.ResponseError) and str(reply).startswith("LOST"):
-                lost[partition] = str(reply).removeprefix("LOST ")
+            if isinstance(reply, redis.ResponseError) and str(reply).startswith(_REFUSALS):
+                refusals[partition] = str(reply)
             elif isinstance(reply, Exception):
                 raise reply
             else:
                 replies[partition] = reply
-        if fenced:
-            raise Fenced(fenced)
-        if lost:
-            raise StateLost(lost, "; ".join(f"{p}: {why}" for p, why in lost.items()))
+        _raise_refusals(refusals)
         return replies
 
     def save(self, writes: Mapping[int, PartitionWrite]) -> None:
         """One batch's writes, fenced by each partition's epoch and checked against how
-        complete each partition's state must be already."""
-        calls: dict[int, tuple[str, list[Any]]] = {}
-        for partition, write in writes.items():
-            clock: list[Any] = ["", "", ""]
-            if write.clock is not None:
-                value, offset, before = write.clock
-                clock = [value, offset, "" if before is None else before]
-            args: list[Any] = [write.epoch, *write.complete, *clock]
-            args += (len(write.records), len(write.scores))
-            for device, data in write.records.items():
-                args += (device, data)
-            for device, score in write.scores.items():
-                args += (score, device)
-            args += write.unscored
-            calls[partition] = (WRITE_SCRIPT, args)
-        self._fenced_scripts(calls)
+        complete each partition's state must be already: one script call for every partition
+        on a single Redis node, one per partition on a cluster."""
+        if self.cluster:
+            calls = [[partition] for partition in writes]
+        else:
+            calls = [list(writes)] if writes else []
+        pipe = self.client.pipeline(transaction=False)
+        for partitions in calls:
+            keys: list[str] = []
+            args: list[Any] = []
+            for partition in partitions:
+                keys += keys_of(self.keys(partition))
+                section = _write_args(writes[partition])
+                args += (len(section), *section)
+            pipe.execute_command("EVAL", WRITE_SCRIPT, len(keys), *keys, *args)
+        refusals: dict[int, str] = {}
+        for partitions, replies in zip(calls, pipe.execute(), strict=True):
+            for partition, reply in zip(partitions, replies, strict=True):
+                if isinstance(reply, bytes):
+                    refusals[partition] = reply.decode()
+        _raise_refusals(refusals)
 
     def sweep(
         self, slices: Mapping[int, tuple[int, int]], cutoff_ms: int, count: int
@@ -313,6 +314,36 @@ class PartitionStore:
         }
         replies = self._fenced_scripts(calls, renews=True)
         return {p: (int(reply[0]), int(reply[1])) for p, reply in replies.items()}
+
+
+def _write_args(write: PartitionWrite) -> list[Any]:
+    """A partition's arguments to :data:`~enricher.scripts.WRITE_SCRIPT`."""
+    clock: list[Any] = ["", "", ""]
+    if write.clock is not None:
+        value, offset, before = write.clock
+        clock = [value, offset, "" if before is None else before]
+    args: list[Any] = [write.epoch, *write.complete, *clock]
+    args += (len(write.records), len(write.scores))
+    for device, data in write.records.items():
+        args += (device, data)
+    for device, score in write.scores.items():
+        args += (score, device)
+    args += write.unscored
+    return args
+
+
+_REFUSALS = ("FENCED", "LOST")
+
+
+def _raise_refusals(refusals: Mapping[int, str]) -> None:
+    """Raise :class:`Fenced` naming every partition whose epoch moved on, else
+    :class:`StateLost` naming every partition whose state Redis lost, if any."""
+    fenced = [p for p, why in refusals.items() if why.startswith("FENCED")]
+    if fenced:
+        raise Fenced(fenced)
+    if refusals:
+        lost = {p: why.removeprefix("LOST ") for p, why in refusals.items()}
+        raise StateLost(lost, "; ".join(f"{p}: {why}" for p, why in lost.items()))
 
 
 class FileModeStore:

@@ -81,6 +81,30 @@ def test_a_new_owner_fences_out_the_old_one(store: PartitionStore) -> None:
     assert store.load({0: (11, ["d"])}).states == {0: {"d": state("d", 1, 1000)}}
 
 
+def test_one_write_of_several_partitions_refuses_each_on_its_own(
+    store: PartitionStore,
+) -> None:
+    taken = epochs(store.fence([10, 11, 12], 1000))
+    moved_on = epochs(store.fence([11], 1000))
+    record = store.codec.pack(state("d", 1, 1000), 10, None)
+    store.save({p: PartitionWrite(e, {}, (-1, 5)) for p, e in taken.items() if p != 11})
+    writes = {
+        10: PartitionWrite(taken[10], {"d": record}, (5, 11)),
+        11: PartitionWrite(taken[11], {"d": record}, ANY_STATE),
+        12: PartitionWrite(taken[12], {"d": record}, (8, 11)),  # behind what it needs
+    }
+    with pytest.raises(Fenced) as fenced:
+        store.save(writes)
+    assert fenced.value.partitions == [11]
+    found = store.load({p: (11, ["d"]) for p in writes}).states
+    assert found == {10: {"d": state("d", 1, 1000)}, 11: {}, 12: {}}
+    with pytest.raises(StateLost) as lost:
+        store.save({**writes, 11: writes[11]._replace(epoch=moved_on[11])})
+    assert lost.value.partitions == [12]
+    assert "complete up to offset 5, not 8" in str(lost.value)
+    assert store.load({11: (11, ["d"])}).states == {11: {"d": state("d", 1, 1000)}}
+
+
 def test_a_replayed_batch_starts_from_the_snapshot(store: PartitionStore) -> None:
     epoch = store.fence([3], 1000)[3].epoch
     before, after = state("d", 1, 1000), state("d", 2, 9000)
