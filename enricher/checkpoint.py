@@ -244,10 +244,8 @@ class Checkpoint:
         states[device] = new_state
         batch.offsets[device] = message.offset
         if self.ends.publishes:
-            session_events, reopened = self.ends.on_event(device, state, step)
-            for session_event in session_events:
+            for session_event in self.ends.on_event(device, state, step):
                 self._publish(session_event, message.timestamp_ms)
-            self.outcome.sessions_reopened += reopened
         counts.produced += 1
         if step.started is not None:
             counts.started[step.started] += 1
@@ -282,6 +280,7 @@ class Checkpoint:
             for event in self.ends.pass_watermark(partition, batch, committed):
                 self._publish(event)
         self.outcome.watermarks_ms = self.ends.watermarks_ms
+        self.outcome.sessions_reopened = self.ends.reopened
         self._save()
         self.output.await_deliveries(self._refusals)
         ends = {p: batch.end for p, batch in self.partitions.items()}

@@ -162,6 +162,28 @@ class SessionState:
     (:func:`enricher.entities.client_session_contexts`). Made once per session: the engine
     hands it on to each next state of the same session."""
 
+    def with_end_declared(self) -> SessionState:
+        """The same session, declared ended (by a watermark) once more."""
+        new = SessionState(
+            self.user_id,
+            self.session_id,
+            self.session_index,
+            self.previous_session_id,
+            self.event_index,
+            self.first_event_id,
+            self.first_event_ms,
+            self.last_event_ms,
+            self.in_background,
+            self.background_index,
+            self.foreground_index,
+            self.renews_applied,
+            self.expires_ms,
+            True,
+            self.ends_declared + 1,
+        )
+        new.formatted = self.formatted
+        return new
+
 
 class Step(NamedTuple):
     """The outcome of one event: the device's new state and, if one began, why."""

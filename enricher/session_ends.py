@@ -57,6 +57,8 @@ class BatchSessionEnds(Protocol):
     """A batch's part in publishing session events (see the module's docstring)."""
 
     watermarks_ms: dict[int, int]
+    reopened: int
+    """how many of the batch's events joined a session declared ended (late events)"""
     publishes: bool
     """whether :meth:`observe` and :meth:`on_event` can do anything: when not, the batch
     need not call them for every event"""
@@ -69,7 +71,7 @@ class BatchSessionEnds(Protocol):
 
     def on_event(
         self, device: str, before: SessionState | None, step: Step
-    ) -> tuple[list[SessionEvent], bool]: ...
+    ) -> list[SessionEvent]: ...
 
     def pass_watermark(
         self, partition: int, batch: PartitionBatch, committed: CommittedState
@@ -84,6 +86,7 @@ class NoSessionEnds:
     """The session events topic is off: nothing to observe, publish or write."""
 
     publishes = False
+    reopened = 0
 
     def __init__(self) -> None:
         self.watermarks_ms: dict[int, int] = {}
@@ -97,10 +100,8 @@ class NoSessionEnds:
     def loaded(self, expiring: Mapping[int, Expiring]) -> None:
         return
 
-    def on_event(
-        self, device: str, before: SessionState | None, step: Step
-    ) -> tuple[list[SessionEvent], bool]:
-        return [], False
+    def on_event(self, device: str, before: SessionState | None, step: Step) -> list[SessionEvent]:
+        return _NO_EVENTS
 
     def pass_watermark(
         self, partition: int, batch: PartitionBatch, committed: CommittedState
@@ -128,6 +129,7 @@ class SessionEnds:
         self.rescored: dict[int, dict[str, int]] = {}
         self.unscored: dict[int, list[str]] = {}
         self.watermarks_ms: dict[int, int] = {}
+        self.reopened = 0
 
     def observe(self, partition: int, event_ms: int, kafka_ms: int) -> None:
         """Advance the partition's clock with one event of the batch."""
@@ -145,13 +147,12 @@ class SessionEnds:
     def loaded(self, expiring: Mapping[int, Expiring]) -> None:
         self.expiring = dict(expiring)
 
-    def on_event(
-        self, device: str, before: SessionState | None, step: Step
-    ) -> tuple[list[SessionEvent], bool]:
-        """The session events one event causes, and whether it reopened an ended session."""
+    def on_event(self, device: str, before: SessionState | None, step: Step) -> list[SessionEvent]:
+        """The session events one event causes; counts it if it reopened an ended session."""
         if step.started is None and (before is None or not before.ended):
-            return _NO_EVENTS, False  # the usual event: it joins a session still open
-        return session_events.on_step(device, before, step), session_events.reopened(before, step)
+            return _NO_EVENTS  # the usual event: it joins a session still open
+        self.reopened += session_events.reopened(before, step)
+        return session_events.on_step(device, before, step)
 
     def pass_watermark(
         self, partition: int, batch: PartitionBatch, committed: CommittedState

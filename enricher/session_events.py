@@ -24,7 +24,7 @@ supersedes the earlier ones. Keep the highest revision per session id.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from enricher.session import SessionState, StartCause, Step
 
@@ -146,6 +146,12 @@ def timeout_cause(state: SessionState) -> EndCause:
     return EndCause.FOREGROUND_TIMEOUT
 
 
+_ENDED_BY: dict[StartCause, EndCause] = {
+    cause: EndCause(cause.value) for cause in StartCause if cause != StartCause.NEW_DEVICE
+}
+"""why a session ended, by why the next one started"""
+
+
 def on_step(device_id: str, before: SessionState | None, step: Step) -> list[SessionEvent]:
     """The records one event produces: the end of the session it closed, if that end was not
     declared already, and the start of the session it opened."""
@@ -153,7 +159,7 @@ def on_step(device_id: str, before: SessionState | None, step: Step) -> list[Ses
         return []
     records = []
     if before is not None and not before.ended:
-        cause = EndCause(step.started.value)  # not NEW_DEVICE: there was a session before
+        cause = _ENDED_BY[step.started]  # not NEW_DEVICE: there was a session before
         records.append(ended(device_id, before, cause, next_session_id=step.state.session_id))
     records.append(started(device_id, step))
     return records
@@ -175,7 +181,7 @@ def declare_ended(
     """End an expired session by the watermark: its ``session_ended`` record and the state
     that remembers the end was declared."""
     record = ended(device_id, state, timeout_cause(state), watermark_ms=watermark_ms)
-    return replace(state, ended=True, ends_declared=state.ends_declared + 1), record
+    return state.with_end_declared(), record
 
 
 def clock_time(event_ms: int, kafka_ms: int) -> int:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from enricher.batch import TimeBound
 from enricher.codecs.enriched_tsv import FIELDS as ENRICHED_FIELDS  # pinned by test_enriched_tsv
+from enricher.ids import IdDeriver
 from enricher.session import EventFacts, Lifecycle, SessionEngine, SessionState, Step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,6 +288,40 @@ def timelines(draw: st.DrawFn, max_events: int = 40) -> Timeline:
         events.append(EventFacts(event_id(number + 1), time_ms, LIFECYCLE_OF[kind], app_id))
         latest = max(latest, time_ms)
     return Timeline(foreground, background, app_foreground, app_background, tuple(events))
+
+
+# --- session states ------------------------------------------------------------------------------
+
+STATE_IDS = IdDeriver("salt")
+TIME_MS = st.integers(min_value=0, max_value=253402300799999)
+COUNTER = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+@st.composite
+def states(draw: st.DrawFn, device: str = "device-1") -> SessionState:
+    """Any state a device's record can hold, ids derived with :data:`STATE_IDS`."""
+    index = draw(st.integers(min_value=1, max_value=2**31 - 1))
+    canonical = draw(st.booleans())
+    raw = uuid.UUID(int=draw(st.integers(min_value=0, max_value=2**128 - 1)))
+    first_event_id = str(raw) if canonical else str(raw).upper()
+    previous = draw(st.none() | st.uuids().map(str))
+    return SessionState(
+        user_id=STATE_IDS.user_id(device),
+        session_id=STATE_IDS.session_id(device, index, first_event_id),
+        session_index=index,
+        previous_session_id=previous,
+        event_index=draw(COUNTER),
+        first_event_id=first_event_id,
+        first_event_ms=draw(TIME_MS),
+        last_event_ms=draw(TIME_MS),
+        in_background=draw(st.booleans()),
+        background_index=draw(COUNTER),
+        foreground_index=draw(COUNTER),
+        renews_applied=draw(COUNTER),
+        expires_ms=draw(TIME_MS),
+        ended=draw(st.booleans()),
+        ends_declared=draw(COUNTER),
+    )
 
 
 # --- files and the CLI ---------------------------------------------------------------------------

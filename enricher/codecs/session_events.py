@@ -26,8 +26,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 
 
-def as_record(event: SessionEvent) -> dict[str, Any]:
-    """The record of ``session_event.avsc``, times in epoch milliseconds."""
+def as_record(event: SessionEvent, time: Callable[[int], Any] = int) -> dict[str, Any]:
+    """The record of ``session_event.avsc``: times in epoch milliseconds, or as ``time``
+    makes them."""
     end = event.end
     return {
         "kind": event.kind.value,
@@ -37,12 +38,12 @@ def as_record(event: SessionEvent) -> dict[str, Any]:
         "session_index": event.session_index,
         "previous_session_id": event.previous_session_id,
         "first_event_id": event.first_event_id,
-        "first_event_time": event.first_event_ms,
+        "first_event_time": time(event.first_event_ms),
         "start_cause": event.start_cause.value if event.start_cause else None,
         "end": None
         if end is None
         else {
-            "last_event_time": end.last_event_ms,
+            "last_event_time": time(end.last_event_ms),
             "duration_ms": end.last_event_ms - event.first_event_ms,
             "event_count": end.event_count,
             "foreground_transitions": end.foreground_transitions,
@@ -50,7 +51,7 @@ def as_record(event: SessionEvent) -> dict[str, Any]:
             "in_background": end.in_background,
             "cause": end.cause.value,
             "detected_by": end.detected_by.value,
-            "watermark": end.watermark_ms,
+            "watermark": None if end.watermark_ms is None else time(end.watermark_ms),
             "next_session_id": end.next_session_id,
             "revision": end.revision,
         },
@@ -62,10 +63,8 @@ def encode_avro(event: SessionEvent) -> bytes:
 
 
 def encode_json(event: SessionEvent) -> bytes:
-    """Compact UTF-8 JSON."""
-    record = as_record(event)
-    _map_times(record, iso_millis)
-    return orjson.dumps(record)
+    """Compact UTF-8 JSON, times as ISO 8601 strings."""
+    return orjson.dumps(as_record(event, iso_millis))
 
 
 def decode_avro(data: bytes) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import DAY_MS, SECOND, START_MS, Kind, Timeline, event_id, facts, timelines
+from support import DAY_MS, SECOND, START_MS, Kind, Timeline, event_id, facts, states, timelines
 
 from enricher import session_events as events
 from enricher.session import (
@@ -28,6 +28,7 @@ from enricher.session import (
     Step,
     Timeouts,
 )
+from enricher.session_ends import SessionEnds
 from enricher.session_events import Detection, EndCause, SessionEnd, SessionEvent
 from enricher.session_events import Kind as RecordKind
 
@@ -321,6 +322,15 @@ def test_declare_ended_marks_the_state_and_yields_a_watermark_end(
     )
 
 
+@settings(max_examples=100, derandomize=True)
+@given(states())
+def test_an_end_declared_changes_the_end_fields_only(state: SessionState) -> None:
+    state.formatted = ("{", "}", "LOCAL_STORAGE")
+    declared = state.with_end_declared()
+    assert declared == replace(state, ended=True, ends_declared=state.ends_declared + 1)
+    assert declared.formatted is state.formatted
+
+
 def test_late_event_reopens_a_declared_session_and_its_next_end_is_revision_one() -> None:
     device = Device(engine(60, 15))
     device.at(0)
@@ -350,6 +360,18 @@ def test_late_event_reopens_a_declared_session_and_its_next_end_is_revision_one(
     assert end.next_session_id == started.session_id
     assert started.start_cause is StartCause.BACKGROUND_TIMEOUT
     assert not events.reopened(reopened, device.steps[-1])
+
+
+def test_a_batch_counts_the_events_that_reopen_a_declared_session() -> None:
+    device = Device(engine(60, 15))
+    device.at(0)
+    assert device.sweep(START_MS + 60 * SECOND + 1) is not None
+    declared = device.state
+    device.at(10 * SECOND)  # late: joins the declared session
+    ends = SessionEnds(lateness_ms=0)
+    assert ends.on_event(DEVICE, declared, device.steps[-1]) == []
+    assert ends.on_event(DEVICE, device.befores[0], device.steps[0]) != []  # a start
+    assert ends.reopened == 1
 
 
 def test_reopened_session_declared_again_is_revision_one_by_watermark() -> None:

@@ -6,41 +6,13 @@ import uuid
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import STATE_IDS, states
 
-from enricher.ids import IdDeriver
 from enricher.partitioning import kafka_partition, murmur2
 from enricher.records import NO_OFFSET, RecordCodec
 from enricher.session import SessionState
 
-IDS = IdDeriver("salt")
-TIME_MS = st.integers(min_value=0, max_value=253402300799999)
-COUNTER = st.integers(min_value=0, max_value=2**32 - 1)
-
-
-@st.composite
-def states(draw: st.DrawFn, device: str = "device-1") -> SessionState:
-    index = draw(st.integers(min_value=1, max_value=2**31 - 1))
-    canonical = draw(st.booleans())
-    raw = uuid.UUID(int=draw(st.integers(min_value=0, max_value=2**128 - 1)))
-    first_event_id = str(raw) if canonical else str(raw).upper()
-    previous = draw(st.none() | st.uuids().map(str))
-    return SessionState(
-        user_id=IDS.user_id(device),
-        session_id=IDS.session_id(device, index, first_event_id),
-        session_index=index,
-        previous_session_id=previous,
-        event_index=draw(COUNTER),
-        first_event_id=first_event_id,
-        first_event_ms=draw(TIME_MS),
-        last_event_ms=draw(TIME_MS),
-        in_background=draw(st.booleans()),
-        background_index=draw(COUNTER),
-        foreground_index=draw(COUNTER),
-        renews_applied=draw(COUNTER),
-        expires_ms=draw(TIME_MS),
-        ended=draw(st.booleans()),
-        ends_declared=draw(COUNTER),
-    )
+IDS = STATE_IDS
 
 
 @settings(max_examples=200, derandomize=True)
