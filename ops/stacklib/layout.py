@@ -137,7 +137,13 @@ def load_stack(state_dir: Path) -> Stack | None:
 
 
 def new_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random KRaft cluster id (16 bytes, URL-safe base64) that does not start with '-':
+    Kafka's own ids never do, since a command line (``kafka-storage format --cluster-id``)
+    would take one for an option."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def log_tail(home: Path, lines: int = 30) -> str:
