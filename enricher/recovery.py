@@ -174,10 +174,30 @@ class Recovery:
             dropped = self._dropped.pop(partition, None)
             if owned is None or partition in self.repairs:
                 continue
-            if dropped is None:
-                self._resume(partition)
-            else:
-                self._serve_from(partition, dropped)
+            self._serve_checked(partition, committed[partition], dropped)
+
+    def _serve_checked(self, partition: int, committed: int, consumed: int | None) -> None:
+        """Serve a checked partition: from where it is if nothing of it was consumed since its
+        assignment, else from the group's committed offset (read once no transaction that
+        commits offsets is pending), whatever offset consumption began at: below it would
+        enrich committed input twice, above it would skip input. With no committed offset,
+        from where consumption began."""
+        if consumed is None:
+            self._resume(partition)
+            return
+        if committed < 0:
+            self._serve_from(partition, consumed)
+            return
+        if consumed != committed:
+            log.warning(
+                "partition %d: consumed from offset %d since it was assigned, but the group"
+                " committed up to %d; serving it from %d",
+                partition,
+                consumed,
+                committed,
+                committed,
+            )
+        self._serve_from(partition, committed)
 
     def _committed(self, partitions: Iterable[int]) -> dict[int, int]:
         """The group's committed offset of each partition (-1: none)."""
