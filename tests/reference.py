@@ -112,6 +112,8 @@ def check_output(
             continue
     events: dict[str, tuple[Record, dict[str, str]]] = {}
     counts: Counter[str] = Counter()
+    places: dict[str, list[tuple[int, int]]] = {}
+    """eid -> (partition, offset) of each copy in the output"""
     unreadable = []
     for record in output:
         try:
@@ -121,6 +123,7 @@ def check_output(
             unreadable.append(record)
             continue
         counts[eid] += 1
+        places.setdefault(eid, []).append((record.partition, record.offset))
         events[eid] = (record, event)
     duplicates = {eid: n for eid, n in counts.items() if n > 1}
     missing = sorted(set(expected) - set(events))
@@ -132,7 +135,9 @@ def check_output(
         problems.append(
             f"{len(duplicates)} events published more than once "
             f"({sum(duplicates.values()) - len(duplicates)} extra copies), "
-            f"e.g. {list(duplicates.items())[:3]}"
+            f"e.g. {[(eid, places[eid]) for eid in list(duplicates)[:3]]} ((partition, offset)"
+            f" of each copy); extra copies per output partition: "
+            f"{sorted(Counter(p for eid in duplicates for p, _ in places[eid][1:]).items())}"
         )
     if missing:
         problems.append(f"{len(missing)} of {len(expected)} events missing, e.g. {missing[:3]}")
