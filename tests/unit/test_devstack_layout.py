@@ -15,6 +15,6 @@ def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) 
     dashed = uuid.UUID(bytes=b"\xf8" + bytes(15))  # 0b111110...: '-' in URL-safe base64
     plain = uuid.UUID(int=1)
     drawn: Iterator[uuid.UUID] = iter([dashed, plain])
-    monkeypatch.setattr(layout.uuid, "uuid4", lambda: next(drawn))
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(drawn))
     assert base64.urlsafe_b64encode(dashed.bytes).startswith(b"-")
     assert layout.new_cluster_id() == base64.urlsafe_b64encode(plain.bytes).rstrip(b"=").decode()
