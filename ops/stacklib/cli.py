@@ -108,6 +108,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 )
             release_port_base(stack)
             stack = None
+        if stack is not None and not stack.formatted:
+            log("its Kafka storage was never formatted (a start that failed): laying it out anew")
+            stop_services(stack.services, signal.SIGKILL, STOP_GRACE_SECONDS)
+            release_port_base(stack)
+            stack = None
         formatting: Formatting = []
         if stack is None:
             base = claim_port_base(state_dir, wanted, requested)

@@ -99,6 +99,11 @@ class Stack:
         return self.redis + self.kafka
 
     @property
+    def formatted(self) -> bool:
+        """Whether every Kafka node's storage was formatted (a start can fail before)."""
+        return all((service.home / "data" / "meta.properties").exists() for service in self.kafka)
+
+    @property
     def replication_factor(self) -> int:
         return min(3, self.shape.brokers)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +146,31 @@ def test_up_is_idempotent_and_down_leaves_no_process_or_port(tmp_path: Path) -> 
     assert list(state_dir.glob("*/pid")) == []
     assert devstack("down").returncode == 0
     assert devstack("status").returncode == 3
+
+
+def test_up_lays_out_anew_a_stack_whose_kafka_storage_was_never_formatted(
+    tmp_path: Path,
+) -> None:
+    """A start that failed before Kafka's storage was formatted leaves the stack's state behind;
+    the next ``up`` must not start Kafka on unformatted storage forever after."""
+    state_dir = tmp_path / "stack"
+
+    def devstack(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, str(DEVSTACK), args[0], "--dir", str(state_dir), *args[1:]]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+    up = devstack("up", "--port-base", port_base(-1100), "--partitions", "1")
+    assert up.returncode == 0, up.stderr
+    for pid_file in state_dir.glob("*/pid"):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    (state_dir / "kafka-1" / "data" / "meta.properties").unlink()
+    try:
+        again = devstack("up", "--port-base", port_base(-1100), "--partitions", "1")
+        assert again.returncode == 0, again.stderr
+        assert "never formatted" in again.stderr
+        assert (state_dir / "kafka-1" / "data" / "meta.properties").exists()
+    finally:
+        assert devstack("down").returncode == 0
 
 
 def test_install_and_the_commands_without_a_stack_need_only_the_standard_library(
