@@ -297,8 +297,8 @@ class PartitionStore:
         refusals: dict[int, str] = {}
         for partitions, replies in zip(calls, pipe.execute(), strict=True):
             for partition, reply in zip(partitions, replies, strict=True):
-                if isinstance(reply, bytes):
-                    refusals[partition] = reply.decode()
+                if not isinstance(reply, int):  # why it was refused (bytes, or str if decoded)
+                    refusals[partition] = reply.decode() if isinstance(reply, bytes) else reply
         _raise_refusals(refusals)
 
     def sweep(
