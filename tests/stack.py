@@ -362,18 +362,22 @@ class Stack:
         written_reader = self.consumer(**{"isolation.level": "read_uncommitted"})
         try:
             while True:
-                stable = client.high_watermarks(consumer, partitions)
-                written = client.high_watermarks(written_reader, partitions)
-                open_ = sorted(tp for tp, end in written.items() if stable[tp] != end)
-                if not open_:
-                    return stable
-                if time.monotonic() > deadline:
-                    self.fail(
-                        f"partitions {open_[:10]} still have an open transaction (last "
-                        f"stable offsets {[stable[tp] for tp in open_[:10]]}, high "
-                        f"watermarks {[written[tp] for tp in open_[:10]]})",
-                        self.kafka_services(),
+                try:
+                    stable = client.high_watermarks(consumer, partitions)
+                    written = client.high_watermarks(written_reader, partitions)
+                except KafkaException as error:  # leaders moving after a broker came back
+                    why = f"offsets not readable: {error}"
+                else:
+                    open_ = sorted(tp for tp, end in written.items() if stable[tp] != end)
+                    if not open_:
+                        return stable
+                    why = (
+                        f"partitions {open_[:10]} still have an open transaction (last stable"
+                        f" offsets {[stable[tp] for tp in open_[:10]]}, high watermarks"
+                        f" {[written[tp] for tp in open_[:10]]})"
                     )
+                if time.monotonic() > deadline:
+                    self.fail(why, self.kafka_services())
                 time.sleep(0.2)
         finally:
             written_reader.close()
