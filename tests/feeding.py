@@ -177,8 +177,7 @@ class Feeder:
             sent: list[Sent | None] = []
             errors: list[str] = []
             _produce(producer, self.topic, self.messages, sent, errors, pace=pace)
-            delivered = _finish(producer, self.topic, sent, errors)
-            self.sent = _as_stored(self.stack, self.topic, delivered)
+            self.sent = _finish(producer, self.topic, sent, errors)
         except BaseException as error:
             self.error = error
 
@@ -192,4 +191,4 @@ class Feeder:
             pytest.fail(f"producing to {self.topic} took longer than {timeout}s", pytrace=False)
         if self.error is not None:
             raise self.error
-        return self.sent
+        return _as_stored(self.stack, self.topic, self.sent)
