@@ -177,7 +177,8 @@ class Feeder:
             sent: list[Sent | None] = []
             errors: list[str] = []
             _produce(producer, self.topic, self.messages, sent, errors, pace=pace)
-            self.sent = _finish(producer, self.topic, sent, errors)
+            delivered = _finish(producer, self.topic, sent, errors)
+            self.sent = _as_stored(self.stack, self.topic, delivered)
         except BaseException as error:
             self.error = error
 
@@ -191,4 +192,4 @@ class Feeder:
             pytest.fail(f"producing to {self.topic} took longer than {timeout}s", pytrace=False)
         if self.error is not None:
             raise self.error
-        return _as_stored(self.stack, self.topic, self.sent)
+        return self.sent
