@@ -50,9 +50,7 @@ class Sent:
     partition: int
     offset: int
     timestamp_ms: int
-    """the record's timestamp as the broker stored it (the service's output carries it on): from
-    the delivery report, or read back where a produce may be retried across a broker failure
-    (:class:`Feeder`), whose delivery report can carry a later one"""
+    """the record's timestamp as the broker stored it (the service's output carries it on)"""
 
 
 def traffic(events: int, devices: int, seed: int) -> list[Item]:
@@ -117,7 +115,9 @@ def _produce(
         producer.poll(0)
 
 
-def _finish(producer: Any, topic: str, sent: list[Sent | None], errors: list[str]) -> list[Sent]:
+def _finish(
+    stack: Stack, producer: Any, topic: str, sent: list[Sent | None], errors: list[str]
+) -> list[Sent]:
     remaining = producer.flush(60)
     if errors or remaining:
         raise AssertionError(
@@ -126,7 +126,7 @@ def _finish(producer: Any, topic: str, sent: list[Sent | None], errors: list[str
     missing = [i for i, s in enumerate(sent) if s is None]
     if missing:
         raise AssertionError(f"producing to {topic}: no delivery report for {len(missing)} records")
-    return [s for s in sent if s is not None]
+    return _as_stored(stack, topic, [s for s in sent if s is not None])
 
 
 def _as_stored(stack: Stack, topic: str, sent: list[Sent]) -> list[Sent]:
@@ -144,7 +144,7 @@ def produce_input(stack: Stack, topic: str, messages: Sequence[Input]) -> list[S
     sent: list[Sent | None] = []
     errors: list[str] = []
     _produce(producer, topic, messages, sent, errors)
-    return _finish(producer, topic, sent, errors)
+    return _finish(stack, producer, topic, sent, errors)
 
 
 class Feeder:
@@ -177,8 +177,7 @@ class Feeder:
             sent: list[Sent | None] = []
             errors: list[str] = []
             _produce(producer, self.topic, self.messages, sent, errors, pace=pace)
-            delivered = _finish(producer, self.topic, sent, errors)
-            self.sent = _as_stored(self.stack, self.topic, delivered)
+            self.sent = _finish(self.stack, producer, self.topic, sent, errors)
         except BaseException as error:
             self.error = error
 
