@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -115,9 +115,7 @@ def _produce(
         producer.poll(0)
 
 
-def _finish(
-    stack: Stack, producer: Any, topic: str, sent: list[Sent | None], errors: list[str]
-) -> list[Sent]:
+def _finish(producer: Any, topic: str, sent: list[Sent | None], errors: list[str]) -> list[Sent]:
     remaining = producer.flush(60)
     if errors or remaining:
         raise AssertionError(
@@ -126,15 +124,7 @@ def _finish(
     missing = [i for i, s in enumerate(sent) if s is None]
     if missing:
         raise AssertionError(f"producing to {topic}: no delivery report for {len(missing)} records")
-    return _as_stored(stack, topic, [s for s in sent if s is not None])
-
-
-def _as_stored(stack: Stack, topic: str, sent: list[Sent]) -> list[Sent]:
-    """``sent`` with each record's timestamp as the broker stored it, read back: the delivery
-    report of a record whose produce was retried across a broker failure can carry a later
-    timestamp than the one the broker kept from the first attempt."""
-    stored = {(r.partition, r.offset): r.timestamp_ms for r in stack.read_committed([topic])}
-    return [replace(s, timestamp_ms=stored[(s.partition, s.offset)]) for s in sent]
+    return [s for s in sent if s is not None]
 
 
 def produce_input(stack: Stack, topic: str, messages: Sequence[Input]) -> list[Sent]:
@@ -144,7 +134,7 @@ def produce_input(stack: Stack, topic: str, messages: Sequence[Input]) -> list[S
     sent: list[Sent | None] = []
     errors: list[str] = []
     _produce(producer, topic, messages, sent, errors)
-    return _finish(stack, producer, topic, sent, errors)
+    return _finish(producer, topic, sent, errors)
 
 
 class Feeder:
@@ -177,7 +167,7 @@ class Feeder:
             sent: list[Sent | None] = []
             errors: list[str] = []
             _produce(producer, self.topic, self.messages, sent, errors, pace=pace)
-            self.sent = _finish(self.stack, producer, self.topic, sent, errors)
+            self.sent = _finish(producer, self.topic, sent, errors)
         except BaseException as error:
             self.error = error
 
