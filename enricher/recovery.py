@@ -170,28 +170,25 @@ class Recovery:
                     log.info("partition %d not checked yet: %s", partition, error)
                     continue
                 owned.committed = committed[partition]
-            if owned is not None and partition not in self.repairs:
-                consumed = self._dropped.get(partition)
-                try:
-                    self._serve_checked(partition, committed[partition], consumed)
-                except KafkaException as error:
-                    log.info("partition %d not served yet: %s", partition, error)
-                    continue
             del self.unchecked[partition]
-            self._dropped.pop(partition, None)
+            dropped = self._dropped.pop(partition, None)
+            if owned is None or partition in self.repairs:
+                continue
+            self._serve_checked(partition, committed[partition], dropped)
 
     def _serve_checked(self, partition: int, committed: int, consumed: int | None) -> None:
-        """Serve a checked partition from the group's committed offset (read once no
-        transaction that commits offsets is pending), whatever offset the consumer began at
-        when the partition was assigned: below it would enrich committed input twice, above
-        it would skip input. With no committed offset, from where consumption began."""
-        if committed < 0:
-            if consumed is None:
-                self._resume(partition)
-            else:
-                self._serve_from(partition, consumed)
+        """Serve a checked partition: from where it is if nothing of it was consumed since its
+        assignment, else from the group's committed offset (read once no transaction that
+        commits offsets is pending), whatever offset consumption began at: below it would
+        enrich committed input twice, above it would skip input. With no committed offset,
+        from where consumption began."""
+        if consumed is None:
+            self._resume(partition)
             return
-        if consumed is not None and consumed != committed:
+        if committed < 0:
+            self._serve_from(partition, consumed)
+            return
+        if consumed != committed:
             log.warning(
                 "partition %d: consumed from offset %d since it was assigned, but the group"
                 " committed up to %d; serving it from %d",

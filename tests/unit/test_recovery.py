@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import TopicPartition
 
 from enricher import config
 from enricher.collaborators import OwnedPartition, direct
@@ -22,9 +22,8 @@ PARTITION = 3
 class FakeConsumer:
     """What Recovery asks of the consumer, recorded; ``committed`` answers from a table."""
 
-    def __init__(self, committed: dict[int, int], refused_seeks: int = 0) -> None:
+    def __init__(self, committed: dict[int, int]) -> None:
         self.offsets = committed
-        self.refused_seeks = refused_seeks
         self.calls: list[tuple[str, int, int | None]] = []
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
@@ -34,9 +33,6 @@ class FakeConsumer:
         self.calls += [("resume", tp.partition, None) for tp in partitions]
 
     def seek(self, partition: TopicPartition) -> None:
-        if self.refused_seeks:
-            self.refused_seeks -= 1
-            raise KafkaException(KafkaError(KafkaError._STATE))
         self.calls.append(("seek", partition.partition, partition.offset))
 
     def committed(
@@ -74,10 +70,8 @@ def recovery(consumer: FakeConsumer, owned: dict[int, OwnedPartition]) -> Recove
         ([700], 500, [("seek", PARTITION, 500), ("resume", PARTITION, None)]),
         # nothing committed yet: from where consumption began
         ([0, 1], -1001, [("seek", PARTITION, 0), ("resume", PARTITION, None)]),
-        # nothing consumed yet: the fetch may have begun elsewhere all the same
-        ([], 500, [("seek", PARTITION, 500), ("resume", PARTITION, None)]),
-        # nothing consumed and nothing committed: from where the partition is
-        ([], -1001, [("resume", PARTITION, None)]),
+        # nothing consumed yet: from where the partition is
+        ([], 500, [("resume", PARTITION, None)]),
     ],
 )
 def test_a_checked_partition_is_served_from_the_committed_offset(
@@ -93,16 +87,3 @@ def test_a_checked_partition_is_served_from_the_committed_offset(
     assert not held.busy
     assert consumer.calls == [("pause", PARTITION, None), *served]
     assert owned[PARTITION].committed == max(committed, -1)
-
-
-def test_a_partition_that_cannot_be_served_yet_stays_held_and_is_tried_again() -> None:
-    consumer = FakeConsumer({PARTITION: 500}, refused_seeks=1)
-    held = recovery(consumer, {PARTITION: OwnedPartition(epoch=7)})
-    held.assigned(PARTITION, complete=500)
-    held.admit([message(300)])
-    held.step()
-    assert held.busy
-    assert consumer.calls == [("pause", PARTITION, None)]
-    held.step()
-    assert not held.busy
-    assert consumer.calls[1:] == [("seek", PARTITION, 500), ("resume", PARTITION, None)]
