@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -116,12 +117,15 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
 
 
+def _devstack(state_dir: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ops/devstack COMMAND --dir STATE_DIR ARGS...``, its output captured."""
+    argv = [sys.executable, str(DEVSTACK), command, "--dir", str(state_dir), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+
 def test_up_is_idempotent_and_down_leaves_no_process_or_port(tmp_path: Path) -> None:
     state_dir = tmp_path / "stack"
-
-    def devstack(*args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, str(DEVSTACK), args[0], "--dir", str(state_dir), *args[1:]]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    devstack = functools.partial(_devstack, state_dir)
 
     up = devstack("up", "--port-base", port_base(-1000), "--partitions", "1")
     assert up.returncode == 0, up.stderr
@@ -154,10 +158,7 @@ def test_up_lays_out_anew_a_stack_whose_kafka_storage_was_never_formatted(
     """A start that failed before Kafka's storage was formatted leaves the stack's state behind;
     the next ``up`` must not start Kafka on unformatted storage forever after."""
     state_dir = tmp_path / "stack"
-
-    def devstack(*args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, str(DEVSTACK), args[0], "--dir", str(state_dir), *args[1:]]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    devstack = functools.partial(_devstack, state_dir)
 
     up = devstack("up", "--port-base", port_base(-1100), "--partitions", "1")
     assert up.returncode == 0, up.stderr
