@@ -3,7 +3,8 @@
 - :func:`traffic` and :func:`as_messages`: generated multi-device tracker events, as compact
   JSON :class:`Input` records keyed by device;
 - :func:`produce_input` and :class:`Feeder` (in a background thread, at a given rate): produce
-  them with the Java client's partitioner, and report where each one landed (:class:`Sent`).
+  them with the Java client's partitioner, and report where each one landed (:class:`Sent`);
+- :func:`as_stored`: the same records read back, with the timestamps the broker kept.
 
 (PYTEST_DONT_REWRITE: like ``instances``, test modules import this module; its asserts are
 plain asserts.)
@@ -182,3 +183,23 @@ class Feeder:
         if self.error is not None:
             raise self.error
         return self.sent
+
+
+def as_stored(stack: Stack, topic: str, sent: Sequence[Sent]) -> list[Sent]:
+    """``sent`` as the broker stored it, read back from ``topic``. A produce retried across a
+    broker failure can be reported with a later timestamp than the one the broker kept from
+    its first attempt, and the service's output carries the kept one on. Read once the run
+    is over, so that reading takes no time from it; every sent record must be there once,
+    where its delivery report put it."""
+    stored = {
+        (r.partition, r.offset): Sent(
+            r.key, r.value, r.headers, r.partition, r.offset, r.timestamp_ms
+        )
+        for r in stack.read_committed([topic])
+    }
+    places = {(s.partition, s.offset) for s in sent}
+    assert len(stored) == len(sent) and places == set(stored), (
+        f"{topic} holds {len(stored)} records, {len(sent)} were sent;"
+        f" {len(places - set(stored))} of them are not where their delivery report put them"
+    )
+    return [stored[place] for place in sorted(stored)]
