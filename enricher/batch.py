@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 
 import fastavro
+import msgspec
 import orjson
 from fastavro.read import SchemaResolutionError
 
@@ -323,11 +324,37 @@ def _json_reads(stream: IO[bytes], keyed: bool) -> Iterator[list[Read]]:
         yield chunk
 
 
+class _Line(msgspec.Struct):
+    """The usual line, as msgspec reads it: a key, and the event's JSON left unread."""
+
+    event: msgspec.Raw
+    key: str | None = None
+
+
+_read_line = msgspec.json.Decoder(_Line).decode
+
+
 def decode_line(line: bytes, *, keyed: bool = True) -> tuple[str | None, tracker.TrackerEvent]:
     """The device id and the event of one ``{"key": ..., "event": {...}}`` line, decoded as the
     service decodes a record's key (UTF-8 text) and value (read as :func:`tracker.load` reads
     it, validated by :func:`tracker.from_fields`): the same input gets the same answer, the
-    same reason, in both modes. Unless ``keyed``, the key may be missing (None)."""
+    same reason, in both modes. Unless ``keyed``, the key may be missing (None).
+
+    The usual line (a key, and an event that :func:`tracker.read_flat` reads) is read by
+    msgspec, the event kept as its bytes; every other line the general way, which reads what
+    msgspec refuses and says why a line is bad."""
+    try:
+        usual = _read_line(line)
+        key = usual.key
+        if key or (key is None and not keyed):
+            return key, tracker.read_flat(bytes(usual.event))
+    except (msgspec.DecodeError, RecursionError):  # msgspec nests less deep than orjson
+        pass
+    return _decode_line(line, keyed=keyed)
+
+
+def _decode_line(line: bytes, *, keyed: bool) -> tuple[str | None, tracker.TrackerEvent]:
+    """:func:`decode_line` for any line: orjson, else the standard library's reading."""
     undecodable: UnicodeDecodeError | None = None
     try:
         record, unicode = orjson.loads(line), True
@@ -397,7 +424,7 @@ class _JsonLinesWriter:
         self._stream = stream
 
     def encode(self, key: str, enriched: Enriched) -> bytes:
-        return tracker.dump({"key": key, "event": enriched.fields()}, line=True)
+        return b'{"key":%b,"event":%b}\n' % (orjson.dumps(key), enriched.json())
 
     def write(self, encoded: bytes) -> None:
         self._stream.write(encoded)

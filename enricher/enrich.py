@@ -11,6 +11,7 @@ from enricher.entities import (
     CLIENT_SESSION_SCHEMA,
     SelfDescribing,
     client_session_contexts,
+    client_session_contexts_json,
     session_entities,
 )
 from enricher.errors import BadInput
@@ -83,20 +84,37 @@ class Enriched:
     def fields(self, *, unicode: bool = False) -> dict[str, str]:
         """The event's fields as published: ``tracker.with_entities(event, entities)``. An
         event without contexts that gets the ``client_session`` entity alone (the default
-        options) gets its ``co`` from :func:`client_session_contexts`, the same JSON with the
-        session's parts formatted once per session."""
-        event, options = self.event, self.options
-        if (
-            event.contexts_field is None
+        options, :meth:`_session_entity_only`) gets its ``co`` from
+        :func:`client_session_contexts`, the same JSON with the session's parts formatted
+        once per session."""
+        if self._session_entity_only():
+            # with_entities' result, without its call: the fields with the prepared co.
+            fields = dict(self.event.fields)
+            fields["co"] = client_session_contexts(self.state, self.storage_mechanism)
+            return fields
+        return tracker.with_entities(self.event, self.entities, unicode=unicode)
+
+    def json(self) -> bytes:
+        """The event as published, in JSON: the value of ``tracker.dump(self.fields())``.
+        An event that kept the bytes it came in (:attr:`TrackerEvent.raw`) and gets the
+        ``client_session`` entity alone is those bytes with its ``co`` added: the rest of
+        the payload is not encoded again."""
+        raw = self.event.raw
+        if raw is not None and self._session_entity_only():
+            contexts = client_session_contexts_json(self.state, self.storage_mechanism)
+            return tracker.spliced(raw, contexts)
+        return tracker.dump(self.fields())
+
+    def _session_entity_only(self) -> bool:
+        """The usual case: the event has no contexts, and gets the ``client_session``
+        entity alone, not anonymised."""
+        options = self.options
+        return (
+            self.event.contexts_field is None
             and options.session_context
             and not options.lifecycle_context
             and not self.anonymous
-        ):
-            # with_entities' result, without its call: the fields with the prepared co.
-            fields = dict(event.fields)
-            fields["co"] = client_session_contexts(self.state, self.storage_mechanism)
-            return fields
-        return tracker.with_entities(event, self.entities, unicode=unicode)
+        )
 
     @property
     def contexts(self) -> list[SelfDescribing]:

@@ -111,13 +111,31 @@ def client_session_contexts(state: SessionState, storage_mechanism: str) -> str:
     entity alone: exactly ``orjson.dumps`` of the contexts envelope around
     ``session_entities(state, ...)``, built from the session's two fixed parts (ids, indexes,
     first event; formatted once per session) around the event's index."""
+    formatted = _formatted(state, storage_mechanism)
+    return f"{formatted[1]}{state.event_index}{formatted[2]}"
+
+
+def client_session_contexts_json(state: SessionState, storage_mechanism: str) -> bytes:
+    """:func:`client_session_contexts` as a JSON string, quotes included (what ``orjson.dumps``
+    writes of it), for an output that adds ``co`` to the event's bytes: escaped once per
+    session too (the index, digits alone, needs no escape)."""
+    formatted = _formatted(state, storage_mechanism)
+    return b"%b%d%b" % (formatted[3], state.event_index, formatted[4])
+
+
+def _formatted(state: SessionState, storage_mechanism: str) -> tuple[str, str, str, bytes, bytes]:
+    """The session's cached parts (:attr:`SessionState.formatted`), made on first use."""
     formatted = state.formatted
     if formatted is None or formatted[0] != storage_mechanism:
+        head, tail = _client_session_parts(state, storage_mechanism)
         formatted = state.formatted = (
             storage_mechanism,
-            *_client_session_parts(state, storage_mechanism),
+            head,
+            tail,
+            orjson.dumps(head)[:-1],
+            orjson.dumps(tail)[1:],
         )
-    return f"{formatted[1]}{state.event_index}{formatted[2]}"
+    return formatted
 
 
 def _client_session_parts(state: SessionState, storage_mechanism: str) -> tuple[str, str]:

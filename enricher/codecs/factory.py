@@ -32,7 +32,7 @@ class Codecs(NamedTuple):
 
 
 def _encode_json(enriched: Enriched) -> bytes:
-    return tracker.dump(enriched.fields())
+    return enriched.json()
 
 
 def codecs(settings: Settings) -> Codecs:

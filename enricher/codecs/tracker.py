@@ -16,6 +16,14 @@ only faster, and through the standard library everywhere else: what orjson refus
 surrogates, ``NaN``), and nested JSON (contexts, self-describing events) that may hold a
 float or an integer beyond 64 bits (orjson would read the integer as a float, and writes
 floats differently).
+
+The usual event, a flat object of Unicode strings, is read first by msgspec, typed as
+``dict[str, str]``: it checks that every value is a string while it parses, which orjson
+cannot. What msgspec reads at all, it reads as orjson does (a property test holds them
+equal); anything else it refuses (a value of another type, a lone surrogate, bytes that are
+not UTF-8), and then the general path above reads it and says why it is bad, as before. An
+event read this way keeps its bytes (:attr:`TrackerEvent.raw`): its output is those bytes
+with the enricher's ``co`` added, not the fields encoded again.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple, cast
 
+import msgspec
 import orjson
 
 from enricher.entities import (
@@ -87,6 +96,10 @@ class TrackerEvent(NamedTuple):
     collector payload)"""
     anonymous: bool = False
     """the tracker asked for anonymous tracking (a collector request's ``SP-Anonymous``)"""
+    raw: bytes | None = None
+    """the event's JSON object as it arrived, from its ``{`` to its ``}``, when
+    :func:`read_flat` read it: the JSON output adds the entities to these bytes
+    (:func:`spliced`)"""
 
     @property
     def facts(self) -> EventFacts:
@@ -100,10 +113,25 @@ _new_event = cast(
 Python function, and one event is built per input record"""
 
 
+_read_fields = msgspec.json.Decoder(dict[str, str]).decode
+
+
 def decode(data: bytes) -> TrackerEvent:
     """Decode one tracker-protocol event from JSON bytes."""
-    value, unicode = load(data)
-    return from_fields(value, unicode=unicode)
+    try:
+        return read_flat(data)
+    except msgspec.DecodeError:
+        value, unicode = load(data)
+        return from_fields(value, unicode=unicode)
+
+
+def read_flat(data: bytes) -> TrackerEvent:
+    """Decode the usual event, a flat JSON object of Unicode strings, and validate it (the
+    event keeps ``data`` as :attr:`TrackerEvent.raw`). Raises :class:`msgspec.DecodeError`
+    for anything else, which :func:`load` and :func:`from_fields` then read, or refuse with
+    the reason."""
+    fields = _read_fields(data)
+    return _validated(fields, data if data[:1] == b"{" and data[-1:] == b"}" else None)
 
 
 def load(data: bytes) -> tuple[Any, bool]:
@@ -153,8 +181,12 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
                     "non_string_field",
                     f"field {name[:64]!r} is {type(field_value).__name__}, not a string",
                 ) from None
-    fields: dict[str, str] = value
+    return _validated(value, None)
 
+
+def _validated(fields: dict[str, str], source: bytes | None) -> TrackerEvent:
+    """An object of Unicode strings validated: what :func:`from_fields` checks beyond that;
+    ``source`` becomes :attr:`TrackerEvent.raw`."""
     event_id = fields.get("eid")
     if not event_id:
         raise BadInput("missing_event_id", "no 'eid' field")
@@ -216,6 +248,7 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
             exact,
             None,
             False,
+            source,
         )
     )
 
@@ -252,6 +285,13 @@ def with_entities(
         out["co"] = payload
         out.pop("cx", None)
     return out
+
+
+def spliced(raw: bytes, contexts: bytes) -> bytes:
+    """``raw``, a JSON object with members and no ``co`` or ``cx``, with ``"co": contexts``
+    added as its last member (``contexts`` is the JSON string, quotes included): the same
+    JSON value as the fields with ``co`` encoded again, and the input's bytes as they came."""
+    return b'%b,"co":%b}' % (raw[:-1], contexts)
 
 
 def merge_entities(

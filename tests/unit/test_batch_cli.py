@@ -7,12 +7,15 @@ import hashlib
 import json
 import random
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import fastavro
 import pytest
 from hostile import stream_answer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import (
     APPLICATION_ENTITY,
     APPLICATION_LIFECYCLE,
@@ -41,6 +44,7 @@ from support import (
 from enricher import batch
 from enricher.codecs.tracker import MAX_DEPTH
 from enricher.enrich import Enriched, Enricher
+from enricher.errors import BadInput
 from enricher.session import SessionConfig, SessionEngine
 
 SEED_DEVICE = "seed-device"
@@ -373,14 +377,18 @@ def test_an_event_that_cannot_be_encoded_is_an_error_and_leaves_no_state(
 ) -> None:
     """Whatever the encoder refuses is the event's fault, as in the service: a `not_encodable`
     error record, the device's state as if the event never came, and the run goes on."""
-    real = Enriched.fields
 
-    def refusing(enriched: Enriched, *args: Any, **kwargs: Any) -> Fields:
-        if enriched.event.event_id == event_id(2):
-            raise TypeError("Recursion limit reached")
-        return real(enriched, *args, **kwargs)
+    def refusing(real: Callable[..., Any]) -> Callable[..., Any]:
+        def encode(enriched: Enriched, *args: Any, **kwargs: Any) -> Any:
+            if enriched.event.event_id == event_id(2):
+                raise TypeError("Recursion limit reached")
+            return real(enriched, *args, **kwargs)
 
-    monkeypatch.setattr(Enriched, "fields", refusing)
+        return encode
+
+    # The JSON Lines writer encodes through Enriched.json, the Avro writer its fields.
+    monkeypatch.setattr(Enriched, "fields", refusing(Enriched.fields))
+    monkeypatch.setattr(Enriched, "json", refusing(Enriched.json))
     source, target = tmp_path / "in.jsonl", tmp_path / output
     write_jsonl(source, [("d", tracker_event(event_id(n), START_MS + n)) for n in (1, 2, 3)])
     enricher = Enricher(SessionEngine(SessionConfig(salt="s")))
@@ -628,3 +636,57 @@ def test_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
     # Far below what holding the output would take, beyond the output file's fixed buffer.
     output_size = (tmp_path / f"out-{large}.jsonl").stat().st_size
     assert large_peak < output_size / 4 + batch.WRITE_BUFFER_BYTES
+
+
+def decoded(decode: Callable[[], tuple[str | None, Any]]) -> object:
+    """A line's key and event (without the bytes it kept), or the refusal's reason and detail."""
+    try:
+        key, event = decode()
+    except BadInput as error:
+        return (error.reason, error.detail)
+    return key, event._replace(raw=None), list(event.fields.items())
+
+
+line_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.text(),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=6,
+)
+line_events = st.one_of(
+    line_values,
+    st.dictionaries(
+        st.sampled_from(["e", "dtm", "x", "co", "\ud800"]) | st.text(max_size=3),
+        st.text(st.characters(codec=None), max_size=4) | line_values,
+        max_size=4,
+    ).map(lambda extra: {"eid": event_id(1), "dtm": str(START_MS), **extra}),
+)
+line_objects = st.fixed_dictionaries(
+    {},
+    optional={
+        "key": st.sampled_from(["d", "", None, 7]),
+        "event": line_events,
+        "x": line_values | st.just(float("inf")),
+    },
+)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=48),
+        st.builds(
+            lambda value, ascii_only: json.dumps(value, ensure_ascii=ascii_only).encode(
+                "utf-8", "surrogatepass"
+            ),
+            line_objects,
+            st.booleans(),
+        ),
+    ),
+    st.booleans(),
+)
+def test_the_usual_line_is_read_as_any_line_is(line: bytes, keyed: bool) -> None:
+    """msgspec reads the usual line; what it reads, it reads as the general reader does (the
+    same key, event and fields in order, or the same refusal)."""
+    assert decoded(lambda: batch.decode_line(line, keyed=keyed)) == decoded(
+        lambda: batch._decode_line(line, keyed=keyed)
+    )
