@@ -424,7 +424,7 @@ class _JsonLinesWriter:
         self._stream = stream
 
     def encode(self, key: str, enriched: Enriched) -> bytes:
-        return b'{"key":%b,"event":%b}\n' % (orjson.dumps(key), enriched.json())
+        return enriched.json(b'{"key":' + orjson.dumps(key) + b',"event":', b"}\n")
 
     def write(self, encoded: bytes) -> None:
         self._stream.write(encoded)

@@ -11,8 +11,8 @@ from enricher.entities import (
     CLIENT_SESSION_SCHEMA,
     SelfDescribing,
     client_session_contexts,
-    client_session_contexts_json,
     session_entities,
+    with_client_session,
 )
 from enricher.errors import BadInput
 from enricher.session import SessionEngine, SessionState, Step
@@ -94,16 +94,15 @@ class Enriched:
             return fields
         return tracker.with_entities(self.event, self.entities, unicode=unicode)
 
-    def json(self) -> bytes:
-        """The event as published, in JSON: the value of ``tracker.dump(self.fields())``.
-        An event that kept the bytes it came in (:attr:`TrackerEvent.raw`) and gets the
-        ``client_session`` entity alone is those bytes with its ``co`` added: the rest of
-        the payload is not encoded again."""
+    def json(self, before: bytes = b"", after: bytes = b"") -> bytes:
+        """The event as published, in JSON (the value of ``tracker.dump(self.fields())``),
+        between ``before`` and ``after``. An event that kept the bytes it came in
+        (:attr:`TrackerEvent.raw`) and gets the ``client_session`` entity alone is those
+        bytes with its ``co`` added: the rest of the payload is not encoded again."""
         raw = self.event.raw
         if raw is not None and self._session_entity_only():
-            contexts = client_session_contexts_json(self.state, self.storage_mechanism)
-            return tracker.spliced(raw, contexts)
-        return tracker.dump(self.fields())
+            return with_client_session(raw, self.state, self.storage_mechanism, before, after)
+        return b"".join((before, tracker.dump(self.fields()), after))
 
     def _session_entity_only(self) -> bool:
         """The usual case: the event has no contexts, and gets the ``client_session``

@@ -99,7 +99,7 @@ class TrackerEvent(NamedTuple):
     raw: bytes | None = None
     """the event's JSON object as it arrived, from its ``{`` to its ``}``, when
     :func:`read_flat` read it: the JSON output adds the entities to these bytes
-    (:func:`spliced`)"""
+    (:meth:`enricher.enrich.Enriched.json`)"""
 
     @property
     def facts(self) -> EventFacts:
@@ -285,13 +285,6 @@ def with_entities(
         out["co"] = payload
         out.pop("cx", None)
     return out
-
-
-def spliced(raw: bytes, contexts: bytes) -> bytes:
-    """``raw``, a JSON object with members and no ``co`` or ``cx``, with ``"co": contexts``
-    added as its last member (``contexts`` is the JSON string, quotes included): the same
-    JSON value as the fields with ``co`` encoded again, and the input's bytes as they came."""
-    return b'%b,"co":%b}' % (raw[:-1], contexts)
 
 
 def merge_entities(
