@@ -12,7 +12,6 @@ from enricher.entities import (
     SelfDescribing,
     client_session_contexts,
     session_entities,
-    with_client_session,
 )
 from enricher.errors import BadInput
 from enricher.session import SessionEngine, SessionState, Step
@@ -84,36 +83,20 @@ class Enriched:
     def fields(self, *, unicode: bool = False) -> dict[str, str]:
         """The event's fields as published: ``tracker.with_entities(event, entities)``. An
         event without contexts that gets the ``client_session`` entity alone (the default
-        options, :meth:`_session_entity_only`) gets its ``co`` from
-        :func:`client_session_contexts`, the same JSON with the session's parts formatted
-        once per session."""
-        if self._session_entity_only():
-            # with_entities' result, without its call: the fields with the prepared co.
-            fields = dict(self.event.fields)
-            fields["co"] = client_session_contexts(self.state, self.storage_mechanism)
-            return fields
-        return tracker.with_entities(self.event, self.entities, unicode=unicode)
-
-    def json(self, before: bytes = b"", after: bytes = b"") -> bytes:
-        """The event as published, in JSON (the value of ``tracker.dump(self.fields())``),
-        between ``before`` and ``after``. An event that kept the bytes it came in
-        (:attr:`TrackerEvent.raw`) and gets the ``client_session`` entity alone is those
-        bytes with its ``co`` added: the rest of the payload is not encoded again."""
-        raw = self.event.raw
-        if raw is not None and self._session_entity_only():
-            return with_client_session(raw, self.state, self.storage_mechanism, before, after)
-        return b"".join((before, tracker.dump(self.fields()), after))
-
-    def _session_entity_only(self) -> bool:
-        """The usual case: the event has no contexts, and gets the ``client_session``
-        entity alone, not anonymised."""
-        options = self.options
-        return (
-            self.event.contexts_field is None
+        options) gets its ``co`` from :func:`client_session_contexts`, the same JSON with the
+        session's parts formatted once per session."""
+        event, options = self.event, self.options
+        if (
+            event.contexts_field is None
             and options.session_context
             and not options.lifecycle_context
             and not self.anonymous
-        )
+        ):
+            # with_entities' result, without its call: the fields with the prepared co.
+            fields = dict(event.fields)
+            fields["co"] = client_session_contexts(self.state, self.storage_mechanism)
+            return fields
+        return tracker.with_entities(event, self.entities, unicode=unicode)
 
     @property
     def contexts(self) -> list[SelfDescribing]:

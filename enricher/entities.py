@@ -113,50 +113,11 @@ def client_session_contexts(state: SessionState, storage_mechanism: str) -> str:
     first event; formatted once per session) around the event's index."""
     formatted = state.formatted
     if formatted is None or formatted[0] != storage_mechanism:
-        formatted = _format(state, storage_mechanism)
-    return f"{formatted[1]}{state.event_index}{formatted[2]}"
-
-
-def with_client_session(
-    raw: bytes,
-    state: SessionState,
-    storage_mechanism: str,
-    before: bytes = b"",
-    after: bytes = b"",
-) -> bytes:
-    """``raw``, a JSON object with members and no ``co`` or ``cx``, with the ``co`` of
-    :func:`client_session_contexts` added as its last member, between ``before`` and
-    ``after``: the input's bytes as they came, and the same JSON value as its fields with
-    ``co`` encoded again. One join: the contexts' two parts are escaped as parts of a JSON
-    string once per session (the index, digits alone, needs no escape)."""
-    formatted = state.formatted
-    if formatted is None or formatted[0] != storage_mechanism:
-        formatted = _format(state, storage_mechanism)
-    return b"".join(
-        (
-            before,
-            raw[:-1],
-            b',"co":',
-            formatted[3],
-            b"%d" % state.event_index,
-            formatted[4],
-            b"}",
-            after,
+        formatted = state.formatted = (
+            storage_mechanism,
+            *_client_session_parts(state, storage_mechanism),
         )
-    )
-
-
-def _format(state: SessionState, storage_mechanism: str) -> tuple[str, str, str, bytes, bytes]:
-    """The session's parts for ``storage_mechanism``, kept in :attr:`SessionState.formatted`."""
-    head, tail = _client_session_parts(state, storage_mechanism)
-    formatted = state.formatted = (
-        storage_mechanism,
-        head,
-        tail,
-        orjson.dumps(head)[:-1],
-        orjson.dumps(tail)[1:],
-    )
-    return formatted
+    return f"{formatted[1]}{state.event_index}{formatted[2]}"
 
 
 def _client_session_parts(state: SessionState, storage_mechanism: str) -> tuple[str, str]:

@@ -154,13 +154,13 @@ class SessionState:
     ends_declared: int = 0
     """How many times this session has been declared ended (more than once only when late
     events joined it after an end)."""
-    formatted: tuple[str, str, str, bytes, bytes] | None = field(
+    formatted: tuple[str, str, str] | None = field(
         default=None, init=False, repr=False, compare=False
     )
-    """A cache, not part of the state: the storage mechanism it was made for, the session's
-    ``client_session`` JSON before and after its event index, and the same two parts as
-    parts of a JSON string (:func:`enricher.entities.client_session_contexts`). Made once
-    per session: the engine hands it on to each next state of the same session."""
+    """A cache, not part of the state: the session's ``client_session`` JSON around its
+    event index, and the storage mechanism it was made for
+    (:func:`enricher.entities.client_session_contexts`). Made once per session: the engine
+    hands it on to each next state of the same session."""
 
     def with_end_declared(self) -> SessionState:
         """The same session, declared ended (by a watermark) once more."""

@@ -32,7 +32,7 @@ class Codecs(NamedTuple):
 
 
 def _encode_json(enriched: Enriched) -> bytes:
-    return enriched.json()
+    return tracker.dump(enriched.fields())
 
 
 def codecs(settings: Settings) -> Codecs:

@@ -19,11 +19,10 @@ floats differently).
 
 The usual event, a flat object of Unicode strings, is read first by msgspec, typed as
 ``dict[str, str]``: it checks that every value is a string while it parses, which orjson
-cannot. What msgspec reads at all, it reads as orjson does (a property test holds them
-equal); anything else it refuses (a value of another type, a lone surrogate, bytes that are
-not UTF-8), and then the general path above reads it and says why it is bad, as before. An
-event read this way keeps its bytes (:attr:`TrackerEvent.raw`): its output is those bytes
-with the enricher's ``co`` added, not the fields encoded again.
+cannot (the check then took a second pass). What msgspec reads at all, it reads as orjson
+does (a property test holds them equal); anything else it refuses (a value of another type,
+a lone surrogate, bytes that are not UTF-8), and then the general path above reads it and
+says why it is bad, as before.
 """
 
 from __future__ import annotations
@@ -96,10 +95,6 @@ class TrackerEvent(NamedTuple):
     collector payload)"""
     anonymous: bool = False
     """the tracker asked for anonymous tracking (a collector request's ``SP-Anonymous``)"""
-    raw: bytes | None = None
-    """the event's JSON object as it arrived, from its ``{`` to its ``}``, when
-    :func:`read_flat` read it: the JSON output adds the entities to these bytes
-    (:meth:`enricher.enrich.Enriched.json`)"""
 
     @property
     def facts(self) -> EventFacts:
@@ -119,19 +114,11 @@ _read_fields = msgspec.json.Decoder(dict[str, str]).decode
 def decode(data: bytes) -> TrackerEvent:
     """Decode one tracker-protocol event from JSON bytes."""
     try:
-        return read_flat(data)
-    except msgspec.DecodeError:
+        fields = _read_fields(data)
+    except msgspec.DecodeError:  # not an object of Unicode strings: the general way says why
         value, unicode = load(data)
         return from_fields(value, unicode=unicode)
-
-
-def read_flat(data: bytes) -> TrackerEvent:
-    """Decode the usual event, a flat JSON object of Unicode strings, and validate it (the
-    event keeps ``data`` as :attr:`TrackerEvent.raw`). Raises :class:`msgspec.DecodeError`
-    for anything else, which :func:`load` and :func:`from_fields` then read, or refuse with
-    the reason."""
-    fields = _read_fields(data)
-    return _validated(fields, data if data[:1] == b"{" and data[-1:] == b"}" else None)
+    return from_strings(fields)
 
 
 def load(data: bytes) -> tuple[Any, bool]:
@@ -181,12 +168,12 @@ def from_fields(value: object, *, unicode: bool = True) -> TrackerEvent:
                     "non_string_field",
                     f"field {name[:64]!r} is {type(field_value).__name__}, not a string",
                 ) from None
-    return _validated(value, None)
+    return from_strings(value)
 
 
-def _validated(fields: dict[str, str], source: bytes | None) -> TrackerEvent:
-    """An object of Unicode strings validated: what :func:`from_fields` checks beyond that;
-    ``source`` becomes :attr:`TrackerEvent.raw`."""
+def from_strings(fields: dict[str, str]) -> TrackerEvent:
+    """Validate an object already known to hold Unicode strings only (as msgspec's reading
+    as ``dict[str, str]`` guarantees): what :func:`from_fields` checks beyond that."""
     event_id = fields.get("eid")
     if not event_id:
         raise BadInput("missing_event_id", "no 'eid' field")
@@ -248,7 +235,6 @@ def _validated(fields: dict[str, str], source: bytes | None) -> TrackerEvent:
             exact,
             None,
             False,
-            source,
         )
     )
 

@@ -325,7 +325,7 @@ def test_declare_ended_marks_the_state_and_yields_a_watermark_end(
 @settings(max_examples=100, derandomize=True)
 @given(states())
 def test_an_end_declared_changes_the_end_fields_only(state: SessionState) -> None:
-    state.formatted = ("LOCAL_STORAGE", "{", "}", b'"{', b'}"')
+    state.formatted = ("{", "}", "LOCAL_STORAGE")
     declared = state.with_end_declared()
     assert declared == replace(state, ended=True, ends_declared=state.ends_declared + 1)
     assert declared.formatted is state.formatted
