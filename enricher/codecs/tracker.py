@@ -18,8 +18,8 @@ float or an integer beyond 64 bits (orjson would read the integer as a float, an
 floats differently).
 
 The usual event, a flat object of Unicode strings, is read first by msgspec, typed as
-``dict[str, str]``: it checks that every value is a string while it parses, which orjson
-cannot (the check then took a second pass). What msgspec reads at all, it reads as orjson
+``dict[str, str]``: it checks that every value is a string while it parses, where orjson
+needs a second pass over the values. What msgspec reads at all, it reads as orjson
 does (a property test holds them equal); anything else it refuses (a value of another type,
 a lone surrogate, bytes that are not UTF-8), and then the general path above reads it and
 says why it is bad, as before.
